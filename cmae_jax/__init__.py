@@ -1,0 +1,1 @@
+"""cmae_jax: CMAE and MAE-CT self-supervised pretraining of Vision Transformers in JAX."""

@@ -1,0 +1,120 @@
+"""Stateless per-example patch masks, computed inside tf.data.
+
+A mask is two fixed-length int32 index arrays into the row-major patch grid: `ids_keep`
+(visible patches, K of them) and `ids_mask` (masked patches, M = N - K), each sorted
+ascending. Fixed lengths let the batches stack and the model compile once.
+
+Counts (Python `int`, i.e. floor, as MAE's `int(L * (1 - mask_ratio))`):
+  * 'random': K = int(N * (1 - mask_ratio)). 224/16 (N=196) at 0.75: K=49, M=147.
+    32/4 (N=64) at 0.75: K=16, M=48.
+  * 'block': the grid is cut into cells of block x block patches; C cells, of which
+    int(C * (1 - mask_ratio)) are kept whole, K = kept cells * block^2.
+    224/16, 2x2 blocks (C=49) at 0.65: 17 cells kept (34.7%), K=68, M=128 (65.3% masked).
+    32/4, 2x2 blocks (C=16) at 0.65: 5 cells kept, K=20, M=44 (68.75% masked).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+MASK_TYPES = ("random", "block")
+
+
+def _num_keep(total: int, mask_ratio: float, what: str) -> int:
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(
+            f"config.input.mask_ratio must lie in (0, 1), got {mask_ratio}; it is the fraction "
+            "of patches (block masking: of cells) that is masked, e.g. 0.75."
+        )
+    keep = int(total * (1.0 - mask_ratio))
+    if keep < 1 or keep >= total:
+        raise ValueError(
+            f"config.input.mask_ratio={mask_ratio} keeps {keep} of {total} {what}; at least one "
+            "must be visible and one masked. Fix: choose a ratio nearer 0.5 or a larger grid."
+        )
+    return keep
+
+
+def _grid_hw(grid: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(grid, int):
+        return grid, grid
+    grid_h, grid_w = grid
+    return int(grid_h), int(grid_w)
+
+
+def _check_block(grid_h: int, grid_w: int, block: int) -> None:
+    if block < 1 or grid_h % block or grid_w % block:
+        raise ValueError(
+            f"config.input.mask_block={block} must divide the patch grid {grid_h}x{grid_w} "
+            "(image_size / patch_size). Fix: change mask_block, image_size or patch_size."
+        )
+
+
+def mask_counts(grid: int | tuple[int, int], input_cfg: Any) -> tuple[int, int]:
+    """Returns (K visible, M masked) patch counts for a patch grid under `config.input`."""
+    grid_h, grid_w = _grid_hw(grid)
+    mask_type = input_cfg.mask_type
+    num_patches = grid_h * grid_w
+    if mask_type == "random":
+        keep = _num_keep(num_patches, input_cfg.mask_ratio, "patches")
+    elif mask_type == "block":
+        block = input_cfg.get("mask_block", 2)
+        _check_block(grid_h, grid_w, block)
+        num_cells = (grid_h // block) * (grid_w // block)
+        keep = _num_keep(num_cells, input_cfg.mask_ratio, "cells") * block * block
+    else:
+        raise ValueError(
+            f"Unknown config.input.mask_type {mask_type!r}; allowed values: {list(MASK_TYPES)}"
+        )
+    return keep, num_patches - keep
+
+
+def _split_kept(kept: tf.Tensor, num_keep: int) -> tuple[tf.Tensor, tf.Tensor]:
+    # A stable sort on "is masked" lists the kept indices first, each group in ascending
+    # order, with static output lengths (tf.where would have a dynamic one).
+    order = tf.argsort(tf.cast(tf.logical_not(kept), tf.int32), stable=True)
+    order = tf.cast(order, tf.int32)
+    return order[:num_keep], order[num_keep:]
+
+
+def random_mask(
+    seed: tf.Tensor, num_patches: int, mask_ratio: float
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """MAE random masking: keep int(N * (1 - ratio)) patches chosen by uniform noise."""
+    num_keep = _num_keep(num_patches, mask_ratio, "patches")
+    noise = tf.random.stateless_uniform([num_patches], seed=seed)
+    ids_shuffle = tf.argsort(noise)
+    kept = tf.scatter_nd(ids_shuffle[:num_keep, None], tf.ones([num_keep], tf.bool), [num_patches])
+    return _split_kept(kept, num_keep)
+
+
+def block_mask(
+    seed: tf.Tensor, grid_h: int, grid_w: int, block: int, mask_ratio: float
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """CMAE block masking: keep int(C * (1 - ratio)) whole block x block cells at random."""
+    _check_block(grid_h, grid_w, block)
+    cells_h, cells_w = grid_h // block, grid_w // block
+    num_cells = cells_h * cells_w
+    keep_cells = _num_keep(num_cells, mask_ratio, "cells")
+    noise = tf.random.stateless_uniform([num_cells], seed=seed)
+    cell_kept = tf.scatter_nd(
+        tf.argsort(noise)[:keep_cells, None], tf.ones([keep_cells], tf.bool), [num_cells]
+    )
+    rows = tf.range(grid_h)[:, None] // block
+    cols = tf.range(grid_w)[None, :] // block
+    cell_of_patch = tf.reshape(rows * cells_w + cols, [-1])
+    kept = tf.gather(cell_kept, cell_of_patch)
+    return _split_kept(kept, keep_cells * block * block)
+
+
+def sample_mask(
+    seed: tf.Tensor, grid: int | tuple[int, int], input_cfg: Any
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Draws the mask selected by `config.input.mask_type` for one example."""
+    grid_h, grid_w = _grid_hw(grid)
+    mask_counts((grid_h, grid_w), input_cfg)  # validates type, ratio and block
+    if input_cfg.mask_type == "random":
+        return random_mask(seed, grid_h * grid_w, input_cfg.mask_ratio)
+    return block_mask(seed, grid_h, grid_w, input_cfg.get("mask_block", 2), input_cfg.mask_ratio)

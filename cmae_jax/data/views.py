@@ -1,0 +1,279 @@
+"""Stateless view generation for CMAE ("pixel shifting") and evaluation, in TensorFlow.
+
+All functions take a uint8 [H, W, C] image and return float32 images in [0, 1] (not yet
+normalised, so views can be compared pixel for pixel). All randomness comes from the
+`seed` argument (shape [2], stateless ops), so a view is a pure function of
+(image, seed, config).
+
+Pixel shifting (SPEC, CMAE): one master crop, RandomResizedCrop to image_size + shift
+(bicubic), one horizontal flip applied to the master so both views share it; online view =
+the top-left image_size square of the (flipped) master; target view = the image_size square
+at offset (dy, dx), each uniform in [0, shift], followed by colour jitter, grayscale and
+blur.
+
+Choices where the references leave room:
+  * Resizing uses TF's bicubic with antialias=True, which like PIL (torchvision's
+    default backend for ImageNet) filters when downsampling; the result is clipped to
+    [0, 1] because bicubic overshoots.
+  * Colour jitter follows torchvision's ColorJitter: multiplicative brightness, contrast
+    blended with the mean grey level, saturation blended with the grey image, hue shifted
+    on the colour circle, applied in a random order per example, clipped after each op.
+  * Blur kernel size is 10% of the view size, made odd, at least 3 (23 at 224, as BYOL),
+    reflect padding (as torchvision's gaussian_blur).
+  * One-channel images: saturation, hue and grayscale are identities; brightness and
+    contrast (mean of the single channel) apply as usual, and so does blur.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import tensorflow as tf
+
+# Sub-seed tags: each random decision of a view draws from its own stream.
+_CROP, _FLIP, _SHIFT, _COLOR = 0, 1, 2, 3
+_JITTER_APPLY, _JITTER_FACTORS, _JITTER_ORDER, _GRAY, _BLUR_APPLY, _BLUR_SIGMA = range(6)
+
+
+def _fold(seed: tf.Tensor, tag: int) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(seed, tag)
+
+
+def _uniform(seed: tf.Tensor, shape: list[int], low: float = 0.0, high: float = 1.0):
+    return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
+
+
+def random_resized_crop_box(
+    seed: tf.Tensor,
+    height: tf.Tensor | int,
+    width: tf.Tensor | int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    num_tries: int = 10,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Samples a crop box (y, x, h, w) as torchvision RandomResizedCrop.get_params."""
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    height_f = tf.cast(height, tf.float32)
+    width_f = tf.cast(width, tf.float32)
+    # All tries drawn at once; the first valid one wins, exactly like torchvision's loop.
+    area = height_f * width_f * _uniform(_fold(seed, 0), [num_tries], scale[0], scale[1])
+    log_ratio = _uniform(_fold(seed, 1), [num_tries], math.log(ratio[0]), math.log(ratio[1]))
+    aspect = tf.exp(log_ratio)
+    w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+    h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
+    h_try, w_try = h[first], w[first]
+    # torch.randint(0, n + 1): uniform integer in [0, n].
+    uy = _uniform(_fold(seed, 2), [])
+    ux = _uniform(_fold(seed, 3), [])
+    y_try = tf.minimum(
+        tf.cast(tf.floor(uy * tf.cast(height - h_try + 1, tf.float32)), tf.int32),
+        tf.maximum(height - h_try, 0),
+    )
+    x_try = tf.minimum(
+        tf.cast(tf.floor(ux * tf.cast(width - w_try + 1, tf.float32)), tf.int32),
+        tf.maximum(width - w_try, 0),
+    )
+
+    # Fallback: central crop with the aspect ratio clamped into `ratio`.
+    in_ratio = width_f / height_f
+    w_fb = tf.where(in_ratio > ratio[1], tf.cast(tf.round(height_f * ratio[1]), tf.int32), width)
+    h_fb = tf.where(in_ratio < ratio[0], tf.cast(tf.round(width_f / ratio[0]), tf.int32), height)
+    y_fb = (height - h_fb) // 2
+    x_fb = (width - w_fb) // 2
+
+    any_ok = tf.reduce_any(ok)
+    return (
+        tf.where(any_ok, y_try, y_fb),
+        tf.where(any_ok, x_try, x_fb),
+        tf.where(any_ok, h_try, h_fb),
+        tf.where(any_ok, w_try, w_fb),
+    )
+
+
+def _resize(image: tf.Tensor, size: tuple[int, int] | tf.Tensor) -> tf.Tensor:
+    resized = tf.image.resize(image, size, method="bicubic", antialias=True)
+    return tf.clip_by_value(resized, 0.0, 1.0)
+
+
+def _to_float(image: tf.Tensor) -> tf.Tensor:
+    return tf.cast(image, tf.float32) / 255.0
+
+
+def _grayscale(image: tf.Tensor) -> tf.Tensor:
+    # ITU-R 601-2 luma, the weights of torchvision's rgb_to_grayscale and TF's.
+    return tf.image.rgb_to_grayscale(image)
+
+
+def _brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(image * factor, 0.0, 1.0)
+
+
+def _contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    grey = _grayscale(image) if image.shape[-1] == 3 else image
+    mean = tf.reduce_mean(grey)
+    return tf.clip_by_value(mean + factor * (image - mean), 0.0, 1.0)
+
+
+def _saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    grey = _grayscale(image)
+    return tf.clip_by_value(grey + factor * (image - grey), 0.0, 1.0)
+
+
+def _hue(image: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(tf.image.adjust_hue(image, delta), 0.0, 1.0)
+
+
+def _color_jitter(image: tf.Tensor, seed: tf.Tensor, jitter_cfg: Any) -> tf.Tensor:
+    colour = image.shape[-1] == 3
+    factors_seed = _fold(seed, _JITTER_FACTORS)
+
+    def factor(i: int, strength: float) -> tf.Tensor:
+        return _uniform(_fold(factors_seed, i), [], max(0.0, 1.0 - strength), 1.0 + strength)
+
+    # An op with strength 0 (or a colour op on one channel) is skipped, not run as an
+    # identity: that keeps such images bit-exact.
+    b, c, s, h = jitter_cfg.brightness, jitter_cfg.contrast, jitter_cfg.saturation, jitter_cfg.hue
+    ops = [
+        functools.partial(_brightness, factor=factor(0, b)) if b else None,
+        functools.partial(_contrast, factor=factor(1, c)) if c else None,
+        functools.partial(_saturation, factor=factor(2, s)) if s and colour else None,
+        functools.partial(_hue, delta=_uniform(_fold(factors_seed, 3), [], -h, h))
+        if h and colour
+        else None,
+    ]
+    if all(op is None for op in ops):
+        return image
+    # torchvision applies the four ops in a random order per call.
+    order = tf.cast(tf.argsort(_uniform(_fold(seed, _JITTER_ORDER), [4])), tf.int32)
+    for position in range(4):
+        current = image
+        branches = [
+            functools.partial(op, current) if op is not None else (lambda x=current: x)
+            for op in ops
+        ]
+        image = tf.switch_case(order[position], branches)
+    return image
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """Gaussian blur kernel size: 10% of the view size, odd, at least 3 (23 at 224)."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
+    """Separable Gaussian blur of an [H, W, C] float image with reflect padding."""
+    radius = kernel_size // 2
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-(x**2) / (2.0 * tf.cast(sigma, tf.float32) ** 2))
+    kernel /= tf.reduce_sum(kernel)
+    channels = image.shape[-1]
+    padded = tf.pad(
+        image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT"
+    )
+    k_h = tf.tile(kernel[:, None, None, None], [1, 1, channels, 1])
+    k_w = tf.tile(kernel[None, :, None, None], [1, 1, channels, 1])
+    out = tf.nn.depthwise_conv2d(padded, k_h, [1, 1, 1, 1], "VALID")
+    out = tf.nn.depthwise_conv2d(out, k_w, [1, 1, 1, 1], "VALID")
+    return out[0]
+
+
+def target_augment(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tf.Tensor:
+    """Colour jitter, grayscale and blur of the target view (CMAE/BYOL), [0, 1] floats."""
+    jitter = cfg.color_jitter
+    if jitter.prob > 0:
+        image = tf.cond(
+            _uniform(_fold(seed, _JITTER_APPLY), []) < jitter.prob,
+            lambda: _color_jitter(image, seed, jitter),
+            lambda: image,
+        )
+    gray_prob = cfg.get("grayscale_prob", 0.2)
+    if gray_prob > 0 and image.shape[-1] == 3:
+        image = tf.cond(
+            _uniform(_fold(seed, _GRAY), []) < gray_prob,
+            lambda: tf.tile(_grayscale(image), [1, 1, 3]),
+            lambda: image,
+        )
+    blur_prob = cfg.get("blur_prob", 0.5)
+    if blur_prob > 0:
+        low, high = cfg.get("blur_sigma", (0.1, 2.0))
+        sigma = _uniform(_fold(seed, _BLUR_SIGMA), [], low, high)
+        kernel_size = blur_kernel_size(image.shape[0])
+        image = tf.cond(
+            _uniform(_fold(seed, _BLUR_APPLY), []) < blur_prob,
+            lambda: gaussian_blur(image, sigma, kernel_size),
+            lambda: image,
+        )
+    return image
+
+
+def pixel_shift_views_with_params(
+    image: tf.Tensor, seed: tf.Tensor, cfg: Any, *, with_target: bool = True
+) -> tuple[tf.Tensor, tf.Tensor | None, dict[str, tf.Tensor]]:
+    """Views plus the sampled parameters (box, flip, dy, dx, flipped master), for tests.
+
+    Without a target view (plain MAE) the master crop is resized straight to image_size
+    (RandomResizedCrop + flip) and the online view is the whole master.
+    """
+    size = cfg.image_size
+    shift = cfg.shift if with_target else 0
+    channels = image.shape[-1]
+    shape = tf.shape(image)
+    y, x, h, w = random_resized_crop_box(
+        _fold(seed, _CROP), shape[0], shape[1], tuple(cfg.crop_scale), tuple(cfg.crop_ratio)
+    )
+    crop = tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, channels]))
+    master = _resize(_to_float(crop), (size + shift, size + shift))
+    if cfg.flip:
+        flip = _uniform(_fold(seed, _FLIP), []) < 0.5
+        master = tf.cond(flip, lambda: tf.reverse(master, axis=[1]), lambda: master)
+    else:
+        flip = tf.constant(False)
+    online = master[:size, :size]
+    if shift > 0:
+        offset = tf.random.stateless_uniform(
+            [2], seed=_fold(seed, _SHIFT), minval=0, maxval=shift + 1, dtype=tf.int32
+        )
+    else:
+        offset = tf.zeros([2], tf.int32)
+    params = {
+        "box": tf.stack([y, x, h, w]),
+        "flip": flip,
+        "dy": offset[0],
+        "dx": offset[1],
+        "master": master,
+    }
+    if not with_target:
+        return online, None, params
+    target = tf.slice(master, tf.stack([offset[0], offset[1], 0]), [size, size, channels])
+    target = target_augment(target, _fold(seed, _COLOR), cfg)
+    return online, target, params
+
+
+def pixel_shift_views(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """CMAE online and target views of one uint8 image, float32 [S, S, C] in [0, 1]."""
+    online, target, _ = pixel_shift_views_with_params(image, seed, cfg, with_target=True)
+    return online, target
+
+
+def online_view(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tf.Tensor:
+    """MAE view (RandomResizedCrop to image_size + flip), float32 [S, S, C] in [0, 1]."""
+    online, _, _ = pixel_shift_views_with_params(image, seed, cfg, with_target=False)
+    return online
+
+
+def eval_view(image: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -> tf.Tensor:
+    """Deterministic eval view: shorter side to image_size / crop_fraction, centre crop."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    resize_to = round(image_size / crop_fraction)
+    scale = resize_to / tf.reduce_min(shape)
+    new_hw = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), image_size)
+    resized = _resize(_to_float(image), new_hw)
+    top = (new_hw[0] - image_size) // 2
+    left = (new_hw[1] - image_size) // 2
+    channels = image.shape[-1]
+    return tf.slice(resized, tf.stack([top, left, 0]), [image_size, image_size, channels])

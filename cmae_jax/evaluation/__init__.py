@@ -1,0 +1,1 @@
+"""Evaluation of frozen encoders (k-NN now; linear probe and more build on it)."""

@@ -1,0 +1,76 @@
+"""Projection / prediction MLP heads with BatchNorm (CMAE, BYOL/NNCLR style).
+
+CMAE projector:   MLPHead(1536, 256)                    d -> 1536 -> BN -> ReLU -> 256 (no bias)
+CMAE predictor:   MLPHead(1536, 256)                    256 -> 1536 -> BN -> ReLU -> 256
+NNCLR projector:  MLPHead(2048, 256, num_layers=3, hidden_bias=False, last_bias=True,
+                          last_bn=True)
+NNCLR predictor:  MLPHead(4096, 256, hidden_bias=False, last_bias=True)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cmae_jax.models import vit
+
+Dtype = Any
+
+# torch BatchNorm1d defaults: momentum 0.1 (flax counts the other way: 1 - 0.1), eps 1e-5.
+BN_MOMENTUM = 0.9
+BN_EPS = 1e-5
+
+
+class MLPHead(nn.Module):
+    """[Dense -> BatchNorm -> ReLU] x (num_layers - 1) -> Dense (-> BatchNorm if last_bn).
+
+    BatchNorm statistics live in the `batch_stats` collection. Under jax.jit with the batch
+    sharded over devices, the batch mean/variance is computed over the *global* batch (jit
+    sees the whole logical array and inserts the cross-device reductions), so no axis_name
+    or explicit all-reduce is needed. Unlike torch, the running variance is updated with
+    the biased batch variance (flax's BatchNorm), a negligible difference at these batch sizes.
+    """
+
+    hidden_dim: int
+    out_dim: int
+    num_layers: int = 2
+    hidden_bias: bool = True
+    last_bias: bool = False
+    last_bn: bool = False
+    dtype: Dtype = jnp.float32
+
+    def _batch_norm(self, train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPS,
+            dtype=self.dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
+        x = x.astype(self.dtype)
+        for i in range(self.num_layers - 1):
+            # A head's input may be 'embed' (encoder) or 'proj' (predictor) and a hidden->hidden
+            # layer would name 'mlp' twice, so only the output axis of hidden layers is named.
+            x = vit.dense(
+                self.hidden_dim, (None, "mlp"), self.dtype, f"dense_{i}", self.hidden_bias
+            )(x)
+            x = self._batch_norm(train, "mlp", f"bn_{i}")(x)
+            x = nn.relu(x)
+        last = self.num_layers - 1
+        in_axis = "mlp" if last else None
+        x = vit.dense(self.out_dim, (in_axis, "proj"), self.dtype, f"dense_{last}", self.last_bias)(
+            x
+        )
+        if self.last_bn:
+            x = self._batch_norm(train, "proj", f"bn_{last}")(x)
+        return x

@@ -1,0 +1,67 @@
+"""Optimiser: AdamW with masked weight decay, warmup + cosine lr, optional clipping."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+
+# Leaves that get weight decay: the matrices of Dense/Conv layers. Biases, LayerNorm and
+# BatchNorm scales, the cls and mask tokens (and the fixed position embeddings, which are
+# not parameters at all) are excluded, as in MAE's optim_factory.
+_DECAYED_LEAF_NAMES = ("kernel",)
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """A tree of bools over `params`: True where weight decay applies."""
+
+    def decays(path, _):
+        return getattr(path[-1], "key", None) in _DECAYED_LEAF_NAMES
+
+    # Leaves boxed with logical axis names (abstract states) count as one leaf each.
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    return jax.tree_util.tree_map_with_path(decays, params, is_leaf=is_box)
+
+
+def peak_learning_rate(opt_cfg: ml_collections.ConfigDict, global_batch_size: int) -> float:
+    """The linear scaling rule: base_lr * global_batch / 256."""
+    return opt_cfg.base_lr * global_batch_size / 256
+
+
+def learning_rate_schedule(
+    opt_cfg: ml_collections.ConfigDict,
+    global_batch_size: int,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> optax.Schedule:
+    """Linear warmup from 0 for warmup_epochs, then half-cycle cosine to min_lr, per step."""
+    warmup_steps = round(opt_cfg.warmup_epochs * steps_per_epoch)
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak_learning_rate(opt_cfg, global_batch_size),
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=opt_cfg.get("min_lr", 0.0),
+    )
+
+
+def adamw(
+    opt_cfg: ml_collections.ConfigDict, learning_rate: optax.Schedule
+) -> optax.GradientTransformation:
+    """AdamW as MAE: betas from the config, decay masked to kernels, optional clipping."""
+    parts = []
+    if opt_cfg.get("grad_clip_norm"):
+        parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
+    parts.append(
+        optax.adamw(
+            learning_rate,
+            b1=opt_cfg.b1,
+            b2=opt_cfg.b2,
+            eps=1e-8,
+            weight_decay=opt_cfg.weight_decay,
+            mask=weight_decay_mask,
+        )
+    )
+    return optax.chain(*parts)

@@ -1,0 +1,48 @@
+"""The train state and its creation directly in its sharded layout."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from cmae_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes: step count, parameters, BatchNorm statistics, optimiser.
+
+    For CMAE the EMA target lives inside `opt_state` (see cmae_jax.ema).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def create_sharded_state(
+    init_fn: Callable[[jax.Array], TrainState],
+    rng: jax.Array,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]],
+) -> tuple[TrainState, Any, Any]:
+    """Initialises the state with every leaf already in its final sharding.
+
+    `init_fn` may return leaves boxed with logical axis names (nn.with_logical_partitioning);
+    their names map to mesh axes by `rules`. Returns (state, shardings, abstract_state): the
+    abstract state (ShapeDtypeStructs with shardings) is the restore target for checkpoints.
+    """
+    boxed = jax.eval_shape(init_fn, rng)
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        shardings,
+    )
+    # The explicit out_shardings place every leaf; no mesh context is needed while tracing.
+    state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    return state, shardings, abstract

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small Fashion-MNIST-format IDX folder for end-to-end runs."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def write_idx(path, array, type_code, compress):
+    """Writes `array` as an IDX file (type 0x08 uint8, 0x0C int32, 0x0D float32)."""
+    header = bytes([0, 0, type_code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    dtype = {0x08: np.uint8, 0x0C: ">i4", 0x0D: ">f4"}[type_code]
+    data = header + np.asarray(array, dtype).tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data) if compress else data)
+
+
+def _class_images(labels, rng):
+    # Synthetic stand-in when the Debian package is absent: one bright bar per class.
+    images = rng.integers(0, 40, size=(len(labels), 28, 28), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 2 + 2 * y : 6 + 2 * y, 4:24] = 220
+    return images
+
+
+@pytest.fixture(scope="session")
+def small_fashion_mnist(tmp_path_factory):
+    """A folder of IDX files: 512 training and 128 test images (real ones when installed)."""
+    folder = tmp_path_factory.mktemp("fashion_mnist_small")
+    sizes = {"train": 512, "t10k": 128}
+    if os.path.exists(os.path.join(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz")):
+        from cmae_jax.data import sources
+
+        for stem, n in sizes.items():
+            images = sources.read_idx(
+                os.path.join(DEBIAN_FASHION_MNIST, f"{stem}-images-idx3-ubyte.gz")
+            )
+            labels = sources.read_idx(
+                os.path.join(DEBIAN_FASHION_MNIST, f"{stem}-labels-idx1-ubyte.gz")
+            )
+            write_idx(folder / f"{stem}-images-idx3-ubyte", images[:n], 0x08, compress=False)
+            write_idx(folder / f"{stem}-labels-idx1-ubyte", labels[:n], 0x08, compress=False)
+    else:
+        rng = np.random.default_rng(0)
+        for stem, n in sizes.items():
+            labels = rng.integers(0, 10, size=n).astype(np.uint8)
+            write_idx(folder / f"{stem}-images-idx3-ubyte", _class_images(labels, rng), 0x08, False)
+            write_idx(folder / f"{stem}-labels-idx1-ubyte", labels, 0x08, compress=False)
+    return str(folder)

@@ -1,0 +1,551 @@
+"""Model tests against NumPy formulas and hand computations (tiny shapes, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cmae_jax.models import vit
+from cmae_jax.models.cmae import CMAE, build_model
+from cmae_jax.models.decoder import Decoder
+from cmae_jax.models.heads import MLPHead
+
+
+def _params(variables):
+    return nn.meta.unbox(variables["params"])
+
+
+def _np(tree):
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _ln(x, scale, bias, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _init(module, seed, *args, **kwargs):
+    """module.init under jit: one compile instead of one per eager initializer op."""
+    # rbg keys compile several times faster than threefry on CPU; same distributions.
+    key = jax.random.key(seed, impl="rbg")
+    return jax.jit(lambda key: module.init(key, *args, **kwargs))(key)
+
+
+def _apply(module, variables, *args, **kwargs):
+    """module.apply under jit (static non-array args closed over)."""
+    return jax.jit(lambda v: module.apply(v, *args, **kwargs))(variables)
+
+
+def _ids(batch, n, keep, seed=0):
+    """Sorted visible / masked index arrays as the input pipeline produces them."""
+    rng = np.random.default_rng(seed)
+    keep_rows, mask_rows = [], []
+    for _ in range(batch):
+        perm = rng.permutation(n)
+        keep_rows.append(np.sort(perm[:keep]))
+        mask_rows.append(np.sort(perm[keep:]))
+    return np.stack(keep_rows).astype(np.int32), np.stack(mask_rows).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def test_parse_variant():
+    assert vit.parse_variant("B/16") == dict(
+        width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16
+    )
+    assert vit.parse_variant("H/14") == dict(
+        width=1280, depth=32, num_heads=16, mlp_dim=5120, patch_size=14
+    )
+    assert vit.parse_variant("Ti/4")["width"] == 192
+    assert vit.parse_variant("Mu/4") == dict(
+        width=128, depth=6, num_heads=4, mlp_dim=512, patch_size=4
+    )
+    for bad in ("X/16", "B16", "B/0", "B/", "b/16"):
+        with pytest.raises(ValueError, match="Ti/<patch>"):
+            vit.parse_variant(bad)
+
+
+# ----------------------------------------------------------------------------- sin-cos
+
+
+def _mae_posemb_reference(width, grid_h, grid_w):
+    """Written out from MAE's formula: first half of channels = column, second half = row."""
+    quarter = width // 4
+    omega = [1.0 / 10000 ** (d / quarter) for d in range(quarter)]
+    rows = []
+    for r in range(grid_h):
+        for c in range(grid_w):
+            rows.append(
+                [math.sin(c * o) for o in omega]
+                + [math.cos(c * o) for o in omega]
+                + [math.sin(r * o) for o in omega]
+                + [math.cos(r * o) for o in omega]
+            )
+    return np.array(rows)
+
+
+def test_sincos_matches_mae_formula_non_square():
+    emb = vit.sincos_2d_posemb(8, 3, 4)
+    assert emb.shape == (12, 8) and emb.dtype == np.float32
+    np.testing.assert_allclose(emb, _mae_posemb_reference(8, 3, 4), atol=1e-6)
+    # Patch at row 2, col 1 (index 2*4+1): omega = [1, 1/100] for width 8.
+    expected = [
+        math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01),
+        math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02),
+    ]  # fmt: skip
+    np.testing.assert_allclose(emb[9], expected, atol=1e-6)
+    # Orientation: first half depends only on the column, second half only on the row.
+    grid = emb.reshape(3, 4, 8)
+    np.testing.assert_allclose(grid[0, :, :4], grid[2, :, :4])
+    np.testing.assert_allclose(grid[:, 0, 4:], grid[:, 3, 4:])
+    np.testing.assert_allclose(emb[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)
+    np.testing.assert_allclose(
+        vit.sincos_2d_posemb(32, 5, 5), _mae_posemb_reference(32, 5, 5), atol=1e-6
+    )
+    with pytest.raises(ValueError):
+        vit.sincos_2d_posemb(6, 2, 2)
+
+
+# ----------------------------------------------------------------------------- patchify
+
+
+def test_patchify_known_image_and_round_trip():
+    image = np.arange(4 * 4 * 2, dtype=np.float32).reshape(1, 4, 4, 2)  # value (r*4+c)*2+ch
+    patches = np.asarray(vit.patchify(jnp.asarray(image), 2))
+    assert patches.shape == (1, 4, 8)
+    np.testing.assert_array_equal(patches[0, 0], [0, 1, 2, 3, 8, 9, 10, 11])
+    np.testing.assert_array_equal(patches[0, 1], [4, 5, 6, 7, 12, 13, 14, 15])
+    np.testing.assert_array_equal(patches[0, 2], [16, 17, 18, 19, 24, 25, 26, 27])
+    np.testing.assert_array_equal(patches[0, 3], [20, 21, 22, 23, 28, 29, 30, 31])
+
+    images = jax.random.normal(jax.random.key(0), (2, 12, 8, 3))
+    p = vit.patchify(images, 4)
+    assert p.shape == (2, 6, 48)
+    np.testing.assert_array_equal(vit.unpatchify(p, 4, 3, 2, 3), images)
+    # Patch (row 1, col 1) of a 3x2 grid is index 3 and covers rows 4..7, cols 4..7.
+    np.testing.assert_array_equal(p[:, 3], images[:, 4:8, 4:8].reshape(2, 48))
+    with pytest.raises(ValueError):
+        vit.patchify(images, 5)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def test_block_matches_numpy_reference():
+    width, heads, mlp = 8, 2, 16
+    x = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, width)))
+    block = vit.Block(heads, mlp)
+    variables = _init(block, 2, x)
+    # Random non-trivial LN and bias values so that every parameter matters.
+    params = jax.tree_util.tree_map(
+        lambda a: np.asarray(a) + 0.1 * np.random.default_rng(a.size).normal(size=a.shape),
+        _np(_params(variables)),
+    )
+    out = np.asarray(_apply(block, {"params": params}, x))
+
+    def reference(x):
+        hd = width // heads
+        a = params["attn"]
+        y = _ln(x, params["norm1"]["scale"], params["norm1"]["bias"])
+        # torch layout: Linear(width, 3*width) output reshaped to (3, heads, head_dim).
+        qkv = y @ a["qkv"]["kernel"].reshape(width, 3 * width) + a["qkv"]["bias"].reshape(-1)
+        qkv = qkv.reshape(2, 5, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # 3, B, h, L, hd
+        q, k, v = qkv
+        logits = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        o = (w @ v).transpose(0, 2, 1, 3).reshape(2, 5, width)
+        x = x + o @ a["proj"]["kernel"].reshape(width, width) + a["proj"]["bias"]
+        y = _ln(x, params["norm2"]["scale"], params["norm2"]["bias"])
+        m = params["mlp"]
+        h = y @ m["fc1"]["kernel"] + m["fc1"]["bias"]
+        h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))  # exact GELU
+        return x + h @ m["fc2"]["kernel"] + m["fc2"]["bias"]
+
+    np.testing.assert_allclose(out, reference(x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+def test_encoder_depth0_matches_numpy_patch_embed_posemb_gather():
+    enc = vit.Encoder(width=8, depth=0, num_heads=2, mlp_dim=16, patch_size=2)
+    images = np.asarray(jax.random.normal(jax.random.key(3), (2, 4, 6, 3)))  # grid 2x3
+    ids_keep, _ = _ids(2, 6, 2)
+    variables = _init(enc, 4, images, ids_keep)
+    params = _np(_params(variables))
+    out = _apply(enc, variables, images, ids_keep)
+    assert out.tokens.shape == out.prenorm.shape == (2, 3, 8)
+
+    kernel = params["embedding"]["kernel"].reshape(2 * 2 * 3, 8)  # (p, p, C) rows
+    embedded = np.asarray(vit.patchify(images, 2)) @ kernel + params["embedding"]["bias"]
+    embedded = embedded + vit.sincos_2d_posemb(8, 2, 3)[None]  # pos-emb before the gather
+    visible = np.take_along_axis(embedded, ids_keep[:, :, None], axis=1)
+    cls = np.broadcast_to(params["cls"], (2, 1, 8))  # zero pos-emb on cls
+    prenorm = np.concatenate([cls, visible], axis=1)
+    np.testing.assert_allclose(out.prenorm, prenorm, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out.tokens,
+        _ln(prenorm, params["norm"]["scale"], params["norm"]["bias"]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_encoder_all_ids_equals_none():
+    enc = vit.Encoder(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4)
+    images = jax.random.normal(jax.random.key(5), (2, 8, 12, 1))
+    variables = _init(enc, 6, images)
+    full = _apply(enc, variables, images)
+    assert full.tokens.shape == (2, 1 + 6, 16)
+    all_ids = jnp.tile(jnp.arange(6, dtype=jnp.int32)[None], (2, 1))
+    same = _apply(enc, variables, images, all_ids)
+    np.testing.assert_allclose(same.tokens, full.tokens, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(same.prenorm, full.prenorm, rtol=1e-6, atol=1e-6)
+    part = _apply(enc, variables, images, all_ids[:, :2])
+    assert part.tokens.shape == (2, 3, 16)
+
+
+def test_encoder_sows_float32_attention_in_bf16():
+    enc = vit.Encoder(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4, dtype=jnp.bfloat16)
+    images = jax.random.normal(jax.random.key(7), (2, 8, 8, 1))
+    variables = _init(enc, 8, images)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(_params(variables)))
+    out, state = _apply(enc, variables, images, mutable=["intermediates"])
+    assert out.tokens.dtype == jnp.bfloat16
+    (weights,) = state["intermediates"]["block_1"]["attn"]["attention_weights"]
+    assert weights.shape == (2, 2, 5, 5) and weights.dtype == jnp.float32
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+def test_decoder_unshuffle_depth0_matches_numpy():
+    dec = Decoder(out_dim=5, width=8, depth=0, num_heads=2, mlp_dim=16)
+    b, n, k = 2, 6, 2
+    ids_keep, ids_mask = _ids(b, n, k, seed=1)
+    latents = np.asarray(jax.random.normal(jax.random.key(9), (b, 1 + k, 12)))
+    variables = _init(dec, 10, latents, ids_keep, ids_mask, (2, 3))
+    params = _np(_params(variables))
+    out = np.asarray(_apply(dec, variables, latents, ids_keep, ids_mask, (2, 3)))
+    assert out.shape == (b, n, 5)
+
+    embedded = latents @ params["embed"]["kernel"] + params["embed"]["bias"]
+    tokens = np.zeros((b, n, 8))
+    for i in range(b):
+        for j in range(k):
+            tokens[i, ids_keep[i, j]] = embedded[i, j + 1]  # latent j+1 -> position ids_keep[j]
+        for j in range(n - k):
+            tokens[i, ids_mask[i, j]] = params["mask_token"][0, 0]
+    tokens = tokens + vit.sincos_2d_posemb(8, 2, 3)[None]
+    y = _ln(tokens, params["norm"]["scale"], params["norm"]["bias"])
+    expected = y @ params["pred"]["kernel"] + params["pred"]["bias"]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_depth2_shapes_and_cls_dropped():
+    dec = Decoder(out_dim=16, width=8, depth=2, num_heads=2, mlp_dim=16)
+    ids_keep, ids_mask = _ids(3, 4, 1)
+    latents = jax.random.normal(jax.random.key(11), (3, 2, 12))
+    variables = _init(dec, 12, latents, ids_keep, ids_mask, (2, 2))
+    assert _apply(dec, variables, latents, ids_keep, ids_mask, (2, 2)).shape == (3, 4, 16)
+    with pytest.raises(ValueError):
+        _apply(dec, variables, latents, ids_keep, ids_mask[:, :2], (2, 2))
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def test_init_statistics():
+    width, p, c = 64, 4, 3
+    enc = vit.Encoder(width=width, depth=1, num_heads=4, mlp_dim=4 * width, patch_size=p)
+    variables = _init(enc, 13, jnp.zeros((1, 8, 8, c)))
+    params = _np(_params(variables))
+
+    def check_xavier(kernel, fan_in, fan_out):
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        assert np.abs(kernel).max() <= bound
+        assert np.abs(kernel).max() > 0.97 * bound
+        assert abs(kernel.std() - bound / math.sqrt(3)) < 0.05 * bound
+
+    check_xavier(params["embedding"]["kernel"], p * p * c, width)
+    blk = params["block_0"]
+    check_xavier(blk["attn"]["qkv"]["kernel"], width, 3 * width)
+    check_xavier(blk["attn"]["proj"]["kernel"], width, width)
+    check_xavier(blk["mlp"]["fc1"]["kernel"], width, 4 * width)
+    check_xavier(blk["mlp"]["fc2"]["kernel"], 4 * width, width)
+    biases = [
+        params["embedding"]["bias"],
+        blk["attn"]["qkv"]["bias"],
+        blk["attn"]["proj"]["bias"],
+        blk["mlp"]["fc1"]["bias"],
+        blk["mlp"]["fc2"]["bias"],
+    ]
+    for name in ("norm1", "norm2"):
+        biases.append(blk[name]["bias"])
+        np.testing.assert_array_equal(blk[name]["scale"], 1.0)
+    biases.append(params["norm"]["bias"])
+    np.testing.assert_array_equal(params["norm"]["scale"], 1.0)
+    for bias in biases:
+        np.testing.assert_array_equal(bias, 0.0)
+
+    big = vit.Encoder(width=1024, depth=0, num_heads=4, mlp_dim=8, patch_size=p)
+    cls = np.asarray(_params(_init(big, 14, jnp.zeros((1, 4, 4, 1))))["cls"])
+    assert abs(cls.std() - 0.02) < 0.002 and abs(cls.mean()) < 0.003
+    dec = Decoder(out_dim=4, width=1024, depth=0, num_heads=4, mlp_dim=8)
+    mask_token = np.asarray(
+        _params(
+            _init(
+                dec,
+                15,
+                jnp.zeros((1, 2, 8)),
+                jnp.zeros((1, 1), jnp.int32),
+                jnp.ones((1, 1), jnp.int32),
+                (1, 2),
+            )
+        )["mask_token"]
+    )
+    assert abs(mask_token.std() - 0.02) < 0.002
+
+    # Every parameter carries logical axis names, one per dimension.
+    boxed = jax.tree_util.tree_leaves(
+        variables["params"], is_leaf=lambda a: isinstance(a, nn.Partitioned)
+    )
+    assert all(isinstance(a, nn.LogicallyPartitioned) for a in boxed)
+    assert all(len(a.names) == a.value.ndim for a in boxed)
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def _expected_encoder_params(d, depth, p, c=3):
+    per_block = 12 * d * d + 13 * d
+    return p * p * c * d + d + d + depth * per_block + 2 * d
+
+
+@pytest.mark.parametrize(
+    ("variant", "image", "paper_m"),
+    [("B/16", 224, 86), ("L/16", 224, 304), ("H/14", 224, 632)],
+)
+def test_encoder_param_counts(variant, image, paper_m):
+    sizes = vit.parse_variant(variant)
+    enc = vit.encoder_from_variant(variant)
+    shapes = jax.eval_shape(
+        enc.init, jax.random.key(0), jax.ShapeDtypeStruct((1, image, image, 3), jnp.float32)
+    )
+    count = vit.count_params(shapes["params"])
+    assert count == _expected_encoder_params(sizes["width"], sizes["depth"], sizes["patch_size"])
+    assert abs(count / (paper_m * 1e6) - 1) < 0.01, count
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def test_mlp_head_batchnorm_train_and_eval():
+    head = MLPHead(hidden_dim=6, out_dim=3)
+    x = np.asarray(jax.random.normal(jax.random.key(16), (8, 4))) * 3 + 1
+    variables = _init(head, 17, x, train=True)
+    params = _np(_params(variables))
+    assert "bias" not in params["dense_1"]  # CMAE: last Linear without bias
+    np.testing.assert_array_equal(variables["batch_stats"]["bn_0"]["var"], 1.0)
+
+    out, updates = _apply(head, variables, x, train=True, mutable=["batch_stats"])
+    h = x @ params["dense_0"]["kernel"] + params["dense_0"]["bias"]
+    mean, var = h.mean(0), h.var(0)  # biased batch variance
+    stats = updates["batch_stats"]["bn_0"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
+    bn = params["bn_0"]
+    hidden = np.maximum((h - mean) / np.sqrt(var + 1e-5) * bn["scale"] + bn["bias"], 0)
+    np.testing.assert_allclose(out, hidden @ params["dense_1"]["kernel"], rtol=1e-4, atol=1e-5)
+
+    # Eval uses the running statistics and leaves them alone.
+    new_vars = {"params": variables["params"], **updates}
+    out_eval = _apply(head, new_vars, x, train=False)
+    hidden = np.maximum((h - stats["mean"]) / np.sqrt(stats["var"] + 1e-5), 0)
+    np.testing.assert_allclose(out_eval, hidden @ params["dense_1"]["kernel"], rtol=1e-4, atol=1e-5)
+
+
+def test_nnclr_heads_expressible():
+    projector = MLPHead(32, 8, num_layers=3, hidden_bias=False, last_bias=True, last_bn=True)
+    x = jnp.ones((4, 16))
+    variables = jax.eval_shape(lambda: projector.init(jax.random.key(0), x, train=True))
+    params = nn.meta.unbox(variables["params"])
+    assert set(params) == {"dense_0", "bn_0", "dense_1", "bn_1", "dense_2", "bn_2"}
+    assert "bias" not in params["dense_0"] and "bias" not in params["dense_1"]
+    assert params["dense_2"]["bias"].shape == (8,)
+    assert set(variables["batch_stats"]) == {"bn_0", "bn_1", "bn_2"}
+    predictor = MLPHead(64, 8, hidden_bias=False, last_bias=True)
+    out = jax.eval_shape(
+        lambda: predictor.init_with_output(jax.random.key(0), jnp.ones((4, 8)), True)
+    )
+    assert out[0].shape == (4, 8)
+
+
+# ----------------------------------------------------------------------------- CMAE
+
+
+TINY = dict(
+    width=16,
+    depth=2,
+    num_heads=2,
+    mlp_dim=32,
+    patch_size=4,
+    channels=1,
+    pixel_decoder_width=8,
+    pixel_decoder_depth=1,
+    pixel_decoder_heads=2,
+    feature_decoder_depth=1,
+    projector_hidden=12,
+    projection_dim=6,
+)
+
+
+def _cmae_inputs(b=4, size=8, keep=1):
+    images = jax.random.normal(jax.random.key(18), (b, size, size, 1))
+    ids_keep, ids_mask = _ids(b, (size // 4) ** 2, keep)
+    return images, ids_keep, ids_mask
+
+
+@pytest.fixture(scope="module")
+def cmae_variables():
+    """One (compile-heavy) init shared by the CMAE tests; params do not depend on dtype."""
+    images, ids_keep, ids_mask = _cmae_inputs()
+    return _init(CMAE(**TINY), 19, images, ids_keep, ids_mask, train=True)
+
+
+def test_cmae_forward_target_and_features(cmae_variables):
+    model = CMAE(**TINY)
+    images, ids_keep, ids_mask = _cmae_inputs()
+    variables = cmae_variables
+    assert set(variables["params"]) == {
+        "encoder", "pixel_decoder", "feature_decoder", "projector", "predictor"
+    }  # fmt: skip
+    assert variables["params"]["feature_decoder"]["pred"]["kernel"].value.shape == (8, 16)
+    assert set(variables["batch_stats"]) == {"projector", "predictor"}
+    out, _ = _apply(
+        model, variables, images, ids_keep, ids_mask, train=True, mutable=["batch_stats"]
+    )
+    assert out["pixel_pred"].shape == (4, 4, 16) and out["pixel_pred"].dtype == jnp.float32
+    assert out["online_pred"].shape == (4, 6)
+
+    # Pixel decoder = Decoder on the encoder's normed tokens of the visible patches.
+    params = variables["params"]
+    enc = vit.Encoder(16, 2, 2, 32, 4)
+    latents = _apply(enc, {"params": params["encoder"]}, images, ids_keep).tokens
+    pixel_decoder = Decoder(out_dim=16, width=8, depth=1, num_heads=2, mlp_dim=32)
+    pixels = _apply(
+        pixel_decoder, {"params": params["pixel_decoder"]}, latents, ids_keep, ids_mask, (2, 2)
+    )
+    np.testing.assert_allclose(out["pixel_pred"], pixels, rtol=1e-5, atol=1e-6)
+
+    target_vars = {
+        "params": {k: params[k] for k in ("encoder", "projector")},
+        "batch_stats": {"projector": variables["batch_stats"]["projector"]},
+    }
+    proj, updates = _apply(
+        model,
+        target_vars,
+        images,
+        train=True,
+        method=CMAE.target_projection,
+        mutable=["batch_stats"],
+    )
+    assert proj.shape == (4, 6)
+    assert set(updates["batch_stats"]) == {"projector"}
+    # Matches the hand-composed pipeline: pre-norm tokens, mean over patches, projector.
+    prenorm = _apply(enc, {"params": params["encoder"]}, images).prenorm
+    head_vars = {
+        "params": params["projector"],
+        "batch_stats": variables["batch_stats"]["projector"],
+    }
+    expected, _ = _apply(
+        MLPHead(12, 6), head_vars, prenorm[:, 1:].mean(1), train=True, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(proj, expected, rtol=1e-5, atol=1e-6)
+
+    feats = _apply(model, {"params": {"encoder": params["encoder"]}}, images, method=CMAE.features)
+    tokens = _apply(enc, {"params": params["encoder"]}, images).tokens
+    np.testing.assert_allclose(feats["cls"], tokens[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(feats["mean"], tokens[:, 1:].mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_cmae_bf16_and_plain_mae(cmae_variables):
+    images, ids_keep, ids_mask = _cmae_inputs()
+    model = CMAE(**TINY, dtype=jnp.bfloat16)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), images, ids_keep, ids_mask, train=True)
+    )
+    leaves = jax.tree_util.tree_leaves(nn.meta.unbox(shapes))
+    assert all(leaf.dtype == jnp.float32 for leaf in leaves)  # params stay float32
+    out, _ = _apply(
+        model, cmae_variables, images, ids_keep, ids_mask, train=True, mutable=["batch_stats"]
+    )
+    assert out["pixel_pred"].dtype == jnp.float32 and out["online_pred"].dtype == jnp.float32
+    ref, _ = _apply(
+        CMAE(**TINY),
+        cmae_variables,
+        images,
+        ids_keep,
+        ids_mask,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    # bf16 compute stays close to float32 (about 3 significant digits).
+    np.testing.assert_allclose(out["pixel_pred"], ref["pixel_pred"], rtol=0.1, atol=0.05)
+
+    mae = CMAE(**{**TINY, "contrastive": False})
+    shapes = jax.eval_shape(
+        lambda: mae.init(jax.random.key(0), images, ids_keep, ids_mask, train=True)
+    )
+    assert set(shapes["params"]) == {"encoder", "pixel_decoder"}
+    assert "batch_stats" not in shapes
+    mae_vars = {"params": {k: cmae_variables["params"][k] for k in ("encoder", "pixel_decoder")}}
+    out = _apply(mae, mae_vars, images, ids_keep, ids_mask, train=True)
+    assert set(out) == {"pixel_pred"}
+    np.testing.assert_allclose(out["pixel_pred"], ref["pixel_pred"], rtol=1e-6)
+
+
+def test_build_model_from_config():
+    model_cfg = ml_collections.ConfigDict(
+        dict(
+            variant="Mu/4",
+            pixel_decoder_width=64,
+            pixel_decoder_depth=2,
+            pixel_decoder_heads=4,
+            feature_decoder_depth=1,
+            projector_hidden=128,
+            projection_dim=32,
+            dtype="bfloat16",
+            width=None,
+            depth=3,
+            num_heads=None,
+        )
+    )
+    input_cfg = ml_collections.ConfigDict(dict(channels=1, patch_size=4, image_size=28))
+    model = build_model(model_cfg, input_cfg, contrastive=True)
+    assert (model.width, model.depth, model.num_heads, model.mlp_dim) == (128, 3, 4, 512)
+    assert model.dtype == jnp.bfloat16 and model.channels == 1 and model.contrastive
+    assert not build_model(model_cfg, input_cfg, contrastive=False).contrastive
+    model_cfg.width = 64
+    assert build_model(model_cfg, input_cfg).mlp_dim == 256
+    input_cfg.patch_size = 7
+    with pytest.raises(ValueError, match="patch_size"):
+        build_model(model_cfg, input_cfg)
+    input_cfg.patch_size = 4
+    input_cfg.image_size = 30
+    with pytest.raises(ValueError, match="image_size"):
+        build_model(model_cfg, input_cfg)
+    input_cfg.image_size = 28
+    model_cfg.dtype = "float16"
+    with pytest.raises(ValueError, match="dtype"):
+        build_model(model_cfg, input_cfg)
