@@ -51,6 +51,8 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.input.mask_ratio = 0.65 if method == "cmae" else 0.75
     config.input.mask_block = 2
     config.input.shuffle = True
+    # Evaluation views: resize the shorter side to image_size / fraction, centre crop.
+    config.input.eval_crop_fraction = 0.875
 
     config.model = ml_collections.ConfigDict()
     config.model.variant = "B/16"
@@ -127,6 +129,7 @@ def fashion_mnist_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.input.shift = 4
     config.input.mean = FASHION_MNIST_MEAN
     config.input.std = FASHION_MNIST_STD
+    config.input.eval_crop_fraction = 1.0
 
     config.model.variant = "Mu/4"
     config.model.pixel_decoder_width = 64
@@ -137,7 +140,7 @@ def fashion_mnist_config(method: str = "cmae") -> ml_collections.ConfigDict:
 
     config.optimizer.base_lr = 1e-3
     config.optimizer.warmup_epochs = 0.25
-    config.num_epochs = 3
+    config.num_epochs = 4
 
     config.log_every_steps = 20
     config.image_every_steps = 200

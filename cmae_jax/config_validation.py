@@ -8,7 +8,6 @@ from cmae_jax.models import vit
 from cmae_jax.sharding import mesh_shape
 
 METHODS = ("cmae", "mae")
-DATASETS = ("fashion_mnist", "tfds")
 
 
 class ConfigError(ValueError):
@@ -33,9 +32,9 @@ def validate(
         f"config.method={config.method!r} is unknown; use one of {', '.join(METHODS)}.",
     )
     _require(
-        config.dataset.name in DATASETS,
+        config.dataset.name in sources.DATASET_NAMES,
         f"config.dataset.name={config.dataset.name!r} is unknown; use one of "
-        f"{', '.join(DATASETS)} (set config.dataset.tfds_name for any TFDS dataset).",
+        f"{', '.join(sources.DATASET_NAMES)} (set config.dataset.tfds_name for any TFDS dataset).",
     )
     try:
         vit.parse_variant(config.model.variant)

@@ -290,6 +290,7 @@ def train_and_evaluate(
             mean=config.input.mean,
             std=config.input.std,
             norm_pix=config.loss.norm_pix,
+            upscale=max(1, 96 // config.input.image_size),
         )
         writer.write_images(step, {"reconstructions": grid[None]})
         if is_chief:

@@ -4,17 +4,7 @@ import os
 
 import numpy as np
 
-
-def _patchify(images: np.ndarray, p: int) -> np.ndarray:
-    b, h, w, c = images.shape
-    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def _unpatchify(patches: np.ndarray, p: int, h: int, w: int, c: int) -> np.ndarray:
-    b = patches.shape[0]
-    x = patches.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, c)
+from cmae_jax.models import vit
 
 
 def reconstruction_grid(
@@ -26,16 +16,18 @@ def reconstruction_grid(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     norm_pix: bool,
+    upscale: int = 1,
 ) -> np.ndarray:
     """One row per image: original | masked input | reconstruction (visible patches pasted).
 
     `images` are normalised views [B, H, W, C]; `pixel_pred` the pixel decoder's output
     [B, N, p*p*C]. With a normalised-pixel loss the prediction is per-patch normalised, so
     it is mapped back with each true patch's mean and std (as MAE's visualisation does).
-    Returns uint8 RGB [B*H, 3*W, 3] (grey images are repeated to three channels).
+    Returns uint8 RGB [B*H, 3*W, 3] (grey images are repeated to three channels), each
+    pixel repeated `upscale` times along both axes so small images stay visible.
     """
     b, h, w, c = images.shape
-    target = _patchify(images, patch_size)
+    target = np.asarray(vit.patchify(images, patch_size))
     pred = pixel_pred.astype(np.float32)
     if norm_pix:
         mu = target.mean(-1, keepdims=True)
@@ -48,14 +40,16 @@ def reconstruction_grid(
     recon = np.where(masked, pred, target)
 
     def to_uint8(patches):
-        x = _unpatchify(patches, patch_size, h, w, c) * np.asarray(std) + np.asarray(mean)
+        x = np.asarray(vit.unpatchify(patches, patch_size, h // patch_size, w // patch_size, c))
+        x = x * np.asarray(std) + np.asarray(mean)
         # Masked patches are drawn mid-grey.
         x = np.where(np.isnan(x), 0.5, x)
         x = np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
         return np.repeat(x, 3, axis=-1) if c == 1 else x
 
     rows = np.concatenate([to_uint8(target), to_uint8(shown_input), to_uint8(recon)], axis=2)
-    return rows.reshape(b * h, 3 * w, 3)
+    grid = rows.reshape(b * h, 3 * w, 3)
+    return np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1)
 
 
 def write_png(path: str, image: np.ndarray) -> None:

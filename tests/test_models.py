@@ -66,7 +66,7 @@ def test_parse_variant():
     )
     assert vit.parse_variant("Ti/4")["width"] == 192
     assert vit.parse_variant("Mu/4") == dict(
-        width=128, depth=6, num_heads=4, mlp_dim=512, patch_size=4
+        width=96, depth=4, num_heads=3, mlp_dim=384, patch_size=4
     )
     for bad in ("X/16", "B16", "B/0", "B/", "b/16"):
         with pytest.raises(ValueError, match="Ti/<patch>"):

@@ -185,3 +185,49 @@ def test_mae_computes_no_target_branch(small_fashion_mnist, tmp_path):
     state, _ = restore_raw(str(tmp_path), 2)
     assert set(state["params"]) == {"encoder", "pixel_decoder"}
     assert "target" not in json.dumps(str(state["opt_state"]))
+
+
+def test_command_line_end_to_end(small_fashion_mnist, tmp_path):
+    workdir = tmp_path / "run"
+    overrides = dict(
+        total_steps=3,
+        image_every_steps=2,
+        **{
+            "dataset.idx_dir": small_fashion_mnist,
+            "input.global_batch_size": 32,
+            "input.image_size": 16,
+            "model.width": 32,
+            "model.depth": 1,
+            "model.num_heads": 2,
+            "model.pixel_decoder_width": 32,
+            "model.pixel_decoder_depth": 1,
+            "model.pixel_decoder_heads": 2,
+            "model.projector_hidden": 64,
+            "model.projection_dim": 32,
+            "eval.batch_size": 64,
+        },
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "cmae_jax.main",
+        "--config=configs/fashion_mnist_cmae.py",
+        f"--workdir={workdir}",
+    ] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last_line = out.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"k-NN top-1: (\d+\.\d\d)%", last_line)
+    assert match, out.stdout[-500:]
+    accuracy = float(match.group(1))
+    with open(workdir / "results.json") as f:
+        assert f"{100 * json.load(f)['knn_top1']:.2f}" == match.group(1)
+    assert 20.0 < accuracy <= 100.0  # 10 classes: well above chance even after 3 steps
+    assert (workdir / "checkpoints" / "3").is_dir()
+    assert sorted(os.listdir(workdir / "reconstructions")) == [
+        "step_0000002.png",
+        "step_0000003.png",
+    ]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    with open(workdir / "config.json") as f:
+        assert json.load(f)["input"]["image_size"] == 16

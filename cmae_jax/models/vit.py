@@ -23,7 +23,7 @@ Dtype = Any
 
 # (width, depth, num_heads); MLP width is always 4 * width (MLP ratio 4).
 ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
-    "Mu": (128, 6, 4),  # not a published size: a CPU demo encoder
+    "Mu": (96, 4, 3),  # not a published size: the CPU demo encoder (Fashion-MNIST)
     "Ti": (192, 12, 3),
     "S": (384, 12, 6),
     "B": (768, 12, 12),

@@ -1,0 +1,126 @@
+"""Config validation errors, the CLI's refusal before compiling, and every shipped config."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from cmae_jax import config_validation, ema, train_cmae
+from cmae_jax.config_defaults import fashion_mnist_config
+from cmae_jax.config_validation import ConfigError
+from cmae_jax.models import vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def load_config(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def valid_config(small_fashion_mnist):
+    config = fashion_mnist_config("cmae")
+    config.dataset.idx_dir = small_fashion_mnist
+    return config
+
+
+def test_the_demo_config_is_valid(small_fashion_mnist):
+    config_validation.validate(valid_config(small_fashion_mnist), num_devices=8)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("input.mask_ratio", 0.0, "config.input.mask_ratio=0.0 is outside (0, 1)"),
+        ("input.mask_ratio", 1.5, "config.input.mask_ratio=1.5 is outside (0, 1)"),
+        ("input.image_size", 30, "config.input.image_size=30 is not divisible by the patch size"),
+        ("input.global_batch_size", 100, "global_batch_size=100 is not divisible by the 8 devices"),
+        ("dataset.name", "imagenet", "config.dataset.name='imagenet' is unknown"),
+        ("model.variant", "XL/16", "config.model.variant='XL/16'"),
+        ("model.variant", "B/8", "config.input.patch_size=4 differs from the patch size 8"),
+        ("input.mask_type", "grid", "config.input.mask_type"),
+        ("input.mask_block", 3, "config.input.mask_block=3"),
+        ("method", "simclr", "config.method='simclr' is unknown"),
+        ("model.dtype", "float16", "config.model.dtype"),
+        ("loss.temperature", 0.0, "config.loss.temperature=0.0 must be > 0"),
+        ("input.target_view", False, "needs the target view"),
+        ("mesh.fsdp", 3, "config.mesh="),
+    ],
+)
+def test_config_errors_name_the_key(small_fashion_mnist, key, value, message):
+    config = valid_config(small_fashion_mnist)
+    section, name = key.split(".") if "." in key else (None, key)
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ConfigError) as error:
+        config_validation.validate(config, num_devices=8)
+    assert message in str(error.value)
+
+
+def test_missing_data_files_name_the_folder_and_fix(tmp_path):
+    config = fashion_mnist_config("cmae")
+    config.dataset.idx_dir = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError) as error:
+        config_validation.validate(config, num_devices=1)
+    text = str(error.value)
+    assert "nowhere" in text and "config.dataset.idx_dir" in text
+    assert "dataset-fashion-mnist" in text
+
+
+def test_cli_refuses_bad_values_before_compiling(tmp_path):
+    workdir = tmp_path / "run"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmae_jax.main",
+            "--config=configs/fashion_mnist_cmae.py",
+            f"--workdir={workdir}",
+            "--config.input.mask_ratio=1.5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert out.returncode == 2
+    assert "Config error: config.input.mask_ratio=1.5 is outside (0, 1)" in out.stderr
+    assert not workdir.exists()  # nothing was written
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_shipped_configs_build_abstractly(path):
+    config = load_config(path)
+    config_validation.validate(config, num_devices=1, check_data=False)
+    model, tx, _, _ = train_cmae.make_model_and_optimizer(config, 1000, 100_000)
+    init_state = train_cmae.make_init_state(model, tx, config)
+    state = jax.eval_shape(init_state, jax.random.key(0))
+    params = state.params
+    assert "encoder" in params and "pixel_decoder" in params
+    if config.loss.contrastive_weight > 0:
+        target = ema.target_params(state.opt_state)
+        assert jax.tree.structure(target["encoder"]) == jax.tree.structure(params["encoder"])
+        assert "feature_decoder" in params and "predictor" in params
+    else:
+        assert "projector" not in params
+
+
+@pytest.mark.parametrize(
+    "name, millions", [("cmae_vitb.py", 86), ("cmae_vitl.py", 304), ("cmae_vith.py", 632)]
+)
+def test_paper_encoders_have_the_known_parameter_counts(name, millions):
+    config = load_config(os.path.join(REPO, "configs", name))
+    model, tx, _, _ = train_cmae.make_model_and_optimizer(config, 1000, 100_000)
+    state = jax.eval_shape(train_cmae.make_init_state(model, tx, config), jax.random.key(0))
+    count = vit.count_params(state.params["encoder"])
+    # The papers' counts include the fixed position embedding, a constant here.
+    grid = config.input.image_size // config.input.patch_size
+    width = vit.parse_variant(config.model.variant)["width"]
+    with_posemb = count + (grid * grid + 1) * width
+    assert abs(with_posemb / 1e6 - millions) / millions < 0.01, with_posemb
