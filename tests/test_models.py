@@ -533,7 +533,7 @@ def test_build_model_from_config():
     )
     input_cfg = ml_collections.ConfigDict(dict(channels=1, patch_size=4, image_size=28))
     model = build_model(model_cfg, input_cfg, contrastive=True)
-    assert (model.width, model.depth, model.num_heads, model.mlp_dim) == (128, 3, 4, 512)
+    assert (model.width, model.depth, model.num_heads, model.mlp_dim) == (96, 3, 3, 384)
     assert model.dtype == jnp.bfloat16 and model.channels == 1 and model.contrastive
     assert not build_model(model_cfg, input_cfg, contrastive=False).contrastive
     model_cfg.width = 64

@@ -153,6 +153,16 @@ np.savez({workdir!r} + "/final.npz", **flat_arrays(state))
 """
 
 
+# Biases whose gradient is exactly zero in theory: the BatchNorm right after them removes
+# any constant shift. Their float-noise gradients become +-lr steps under Adam (g / |g|), so
+# they differ between any two summation orders and are left out of the comparison.
+BATCHNORM_CANCELLED_BIASES = (
+    "['feature_decoder']['pred']['bias']",
+    "['projector']['dense_0']['bias']",
+    "['predictor']['dense_0']['bias']",
+)
+
+
 def test_eight_devices_match_one(uninterrupted_run, small_fashion_mnist, tmp_path):
     reference_dir, reference = uninterrupted_run
     workdir = str(tmp_path)
@@ -173,6 +183,8 @@ def test_eight_devices_match_one(uninterrupted_run, small_fashion_mnist, tmp_pat
     reference_final = flat_arrays(reference_state)
     assert sorted(final) == sorted(reference_final)
     for key, value in reference_final.items():
+        if any(path in key for path in BATCHNORM_CANCELLED_BIASES):
+            continue
         # Parameters, Adam moments, EMA target and BatchNorm statistics agree to float
         # reassociation (8 partial sums per reduction), well below the 6 steps' movement.
         np.testing.assert_allclose(final[key], value, rtol=2e-3, atol=5e-4, err_msg=key)
