@@ -413,7 +413,16 @@ def test_train_batches_format_and_content():
     config = make_config(channels=1)
     source = synthetic_source()
     (batch,) = take(pipeline.train_dataset(config, source, start_step=0), 1)
-    assert set(batch) == {"online", "target", "ids_keep", "ids_mask", "label", "index"}
+    assert set(batch) == {
+        "online",
+        "target",
+        "ids_keep",
+        "ids_mask",
+        "label",
+        "index",
+        "corrupt",
+    }
+    assert batch["corrupt"].dtype == bool and not batch["corrupt"].any()
     assert batch["online"].shape == batch["target"].shape == (16, 16, 16, 1)
     assert batch["online"].dtype == np.float32
     assert batch["ids_keep"].shape == (16, 4) and batch["ids_mask"].shape == (

@@ -8,15 +8,31 @@ started at `start_step` yields exactly what an uninterrupted one yields from tha
 whatever the number of processes. Process p of P takes rows [p*B/P, (p+1)*B/P) of every
 global batch. Each epoch drops the N mod B examples that its permutation puts last.
 
+Stages: position -> (index, seed) -> read + decode only the master crop (fused for JPEG,
+parallel, `parallel_reads` in flight) -> views + mask (parallel map, AUTOTUNE) -> batch ->
+prefetch, all with deterministic order. There is no file-level interleave: examples are
+read by index (one file each for ImageFolder, random access into ArrayRecord for TFDS),
+which is what makes the order, the sharding and the resume independent of files; the
+parallel, ordered reads play its part.
+
+Bad input: on file and record sources a lookup that fails (corrupt, truncated, unreadable
+file) does not stop the stream. The example is replaced by the first readable of the next
+few indices, keeping its place in the batch and its seed, and the batch row carries
+corrupt=True; `SkipCounter` counts and logs these for the trainer. Which file replaces
+which depends only on the files, so the stream stays exactly reproducible.
+
 This module does not import JAX; the caller moves the numpy batches to devices.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from cmae_jax.data import masking, views
 from cmae_jax.data.sources import Source
@@ -24,6 +40,10 @@ from cmae_jax.data.sources import Source
 # Sub-seed tags: shuffling and augmentation draw from separate streams of config.seed.
 _SHUFFLE, _AUGMENT = 0, 1
 _VIEWS, _MASK = 0, 1
+
+# A corrupt example is replaced by the first readable of the next SUBSTITUTE_TRIES - 1
+# indices (wrapping around); if none is, by a black image.
+SUBSTITUTE_TRIES = 8
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -58,10 +78,113 @@ def _root_seed(seed: int) -> tf.Tensor:
     return tf.constant([0, seed], tf.int64)
 
 
-def _options() -> tf.data.Options:
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _options(input_cfg: Any) -> tf.data.Options:
     options = tf.data.Options()
+    # Parallel stages still emit in input order: exact resume and fixed batch rows need it.
     options.deterministic = True
+    # A pool of its own: eval or picture pipelines running at the same time, and TF ops
+    # outside tf.data, do not take the train stream's threads.
+    options.threading.private_threadpool_size = input_cfg.get("threadpool_size", 0) or (
+        available_cores()
+    )
+    # Parallelism comes from many examples at once; one example's ops on several threads
+    # only adds contention (the usual setting for TPU and GPU hosts).
+    options.threading.max_intra_op_parallelism = 1
+    opt = options.experimental_optimization
+    opt.map_parallelization = True
+    opt.parallel_batch = True
+    opt.inject_prefetch = True
+    options.autotune.enabled = True
     return options
+
+
+def _parallel_reads(input_cfg: Any) -> int:
+    # Reads from network storage (gs://) wait mostly on latency, so many more files are in
+    # flight than there are cores.
+    return input_cfg.get("parallel_reads", 0) or max(16, 4 * available_cores())
+
+
+def _first_readable(
+    fetch: Callable[[tf.Tensor], dict[str, tf.Tensor]],
+    index: tf.Tensor,
+    source: Source,
+    num_tries: int,
+) -> tf.data.Dataset:
+    """One element: fetch(index), or on error the first readable of the next indices.
+
+    The tries are a small dataset with `ignore_errors`, of which the first element is
+    taken, so a good file is read once. When all `num_tries` fail the element is a black
+    1 x 1 image with label -1. 'corrupt' is True unless the scheduled example was used.
+    """
+    num = source.num_examples
+    # A sequential map (nested datasets are not parallelised): with take(1) below, the
+    # next index is read only when the earlier ones failed.
+    attempts = (
+        tf.data.Dataset.range(num_tries)
+        .map(lambda offset: {**fetch((index + offset) % num), "offset": offset})
+        .ignore_errors()
+    )
+    fallback = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros([1, 1, source.channels], tf.uint8),
+            "label": tf.constant(-1, tf.int32),
+            "offset": tf.constant(num_tries, tf.int64),
+        }
+    )
+    attempts = attempts.concatenate(fallback)
+    return attempts.take(1).map(
+        lambda item: {
+            "image": item["image"],
+            "label": tf.cast(item["label"], tf.int32),
+            "corrupt": item["offset"] > 0,
+        }
+    )
+
+
+def _fetch_all(
+    ds: tf.data.Dataset,
+    source: Source,
+    fetch: Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]],
+    input_cfg: Any,
+    *,
+    substitutes: bool = True,
+) -> tf.data.Dataset:
+    """Adds 'image', 'label' and 'corrupt' to every element, guarded for fallible sources.
+
+    fetch(element, index) looks up `index` for `element`; without `substitutes` a failed
+    lookup yields the black image at once (evaluation drops it rather than replace it).
+    """
+    if not source.fallible:
+        return ds.map(
+            lambda el: {**el, **fetch(el, el["index"]), "corrupt": tf.constant(False)},
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+
+    # tf.data has no try/except inside a map, and `ignore_errors` on the stream would drop
+    # the example and shift every later batch row. So each example becomes a one-element
+    # dataset that cannot fail (`_first_readable`); a deterministic parallel interleave
+    # over those keeps the input order, since each yields exactly one element.
+    def guarded(el: dict[str, tf.Tensor]) -> tf.data.Dataset:
+        num_tries = SUBSTITUTE_TRIES if substitutes else 1
+        item = _first_readable(lambda i: fetch(el, i), el["index"], source, num_tries)
+        return item.map(lambda it: {**el, **it})
+
+    return ds.interleave(
+        guarded,
+        cycle_length=_parallel_reads(input_cfg),
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
 
 
 def _check_input(config: Any, source: Source) -> tuple[int, int]:
@@ -92,8 +215,14 @@ def train_dataset(
     start_step: int,
     process_index: int = 0,
     process_count: int = 1,
+    view_fn: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]] | None = None,
 ) -> tf.data.Dataset:
-    """The infinite train stream of local batches, starting exactly at global `start_step`."""
+    """The infinite train stream of local batches, starting exactly at global `start_step`.
+
+    `view_fn(image, seed)` (whole uint8 image, per-example seed) replaces the pretraining
+    views and mask with its own outputs, e.g. the augmented, normalised image of the
+    linear probe or of fine-tuning; the examples still carry label, index and corrupt.
+    """
     inp = config.input
     grid = _check_input(config, source)
     masking.mask_counts(grid, inp)  # fails early on a bad mask config
@@ -116,12 +245,15 @@ def train_dataset(
     augment_root = tf.random.experimental.stateless_fold_in(root, _AUGMENT)
     shuffle = inp.get("shuffle", True)
     with_target = inp.target_view
+    # MAE-CT (config.input.views='two_crops' or 'two_crops_aug'): two independent crops of
+    # the whole image, no mask; see views.two_crop_views.
+    two_crops = inp.get("views") in ("two_crops", "two_crops_aug")
     epoch_size = epoch_steps * global_batch
     row_offset = process_index * local_batch
 
     # Plain Python control flow on config values only: no AutoGraph conversion needed.
     @tf.autograph.experimental.do_not_convert
-    def example(local_row: tf.Tensor) -> dict[str, tf.Tensor]:
+    def locate(local_row: tf.Tensor) -> dict[str, tf.Tensor]:
         step = local_row // local_batch
         position = step * global_batch + row_offset + local_row % local_batch
         epoch = position // epoch_size
@@ -137,29 +269,64 @@ def train_dataset(
         seed = tf.random.experimental.stateless_fold_in(
             tf.random.experimental.stateless_fold_in(augment_root, epoch), index
         )
-        item = source.tf_lookup(index)
+        return {"index": index, "seed": seed}
+
+    # The master crop box depends on the image size, so the source cuts it while decoding
+    # (fused for JPEG). A substitute for a corrupt file gets the scheduled example's seed.
+    @tf.autograph.experimental.do_not_convert
+    def fetch(el: dict[str, tf.Tensor], index: tf.Tensor) -> dict[str, tf.Tensor]:
+        view_seed = tf.random.experimental.stateless_fold_in(el["seed"], _VIEWS)
+        if two_crops or view_fn is not None:  # cropped from the whole image in `augment`
+            return source.tf_lookup_crop(index, lambda h, w: tf.stack([0, 0, h, w]))
+        return source.tf_lookup_crop(
+            index, lambda h, w: views.master_crop_box(view_seed, h, w, inp)
+        )
+
+    @tf.autograph.experimental.do_not_convert
+    def augment(el: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        seed = el["seed"]
         view_seed = tf.random.experimental.stateless_fold_in(seed, _VIEWS)
-        out = {}
+        if view_fn is not None:
+            return {
+                **view_fn(el["image"], view_seed),
+                "label": tf.cast(el["label"], tf.int32),
+                "index": tf.cast(el["index"], tf.int32),
+                "corrupt": el["corrupt"],
+            }
+        if two_crops:
+            first, second = views.two_crop_views(el["image"], view_seed, inp)
+            return {
+                "view1": normalize(first, inp.mean, inp.std),
+                "view2": normalize(second, inp.mean, inp.std),
+                "label": el["label"],
+                "index": tf.cast(el["index"], tf.int32),
+                "corrupt": el["corrupt"],
+            }
+        online, target, _ = views.views_from_crop(
+            el["image"], view_seed, inp, with_target=with_target
+        )
+        out = {"online": normalize(online, inp.mean, inp.std)}
         if with_target:
-            online, target = views.pixel_shift_views(item["image"], view_seed, inp)
             out["target"] = normalize(target, inp.mean, inp.std)
-        else:
-            online = views.online_view(item["image"], view_seed, inp)
-        out["online"] = normalize(online, inp.mean, inp.std)
         ids_keep, ids_mask = masking.sample_mask(
             tf.random.experimental.stateless_fold_in(seed, _MASK), grid, inp
         )
         out["ids_keep"] = ids_keep
         out["ids_mask"] = ids_mask
-        out["label"] = tf.cast(item["label"], tf.int32)
-        out["index"] = tf.cast(index, tf.int32)
+        out["label"] = tf.cast(el["label"], tf.int32)
+        out["index"] = tf.cast(el["index"], tf.int32)
+        out["corrupt"] = el["corrupt"]
         return out
 
     ds = tf.data.Dataset.counter(start=start_step * local_batch, dtype=tf.int64)
-    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.map(locate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = _fetch_all(ds, source, fetch, inp)
+    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(
+        local_batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options())
+    return ds.with_options(_options(inp))
 
 
 def eval_steps(num_examples: int, batch_size: int, process_count: int = 1) -> int:
@@ -181,6 +348,7 @@ def eval_dataset(
     Process p reads the contiguous slice [p*ceil(N/P), (p+1)*ceil(N/P)) of the split. All
     processes yield `eval_steps(...)` batches of `batch_size` (the local batch size);
     padding rows hold some real image (finite values) with valid=False, label=-1, index=-1.
+    Unreadable files (fallible sources) are marked the same way, so k-NN skips them.
     """
     inp = config.input
     _check_input(config, source)
@@ -193,22 +361,67 @@ def eval_dataset(
     end = min(start + per_process, num_examples)
     crop_fraction = inp.get("eval_crop_fraction", 1.0)
 
-    # Plain Python control flow on config values only: no AutoGraph conversion needed.
     @tf.autograph.experimental.do_not_convert
-    def example(row: tf.Tensor) -> dict[str, tf.Tensor]:
+    def locate(row: tf.Tensor) -> dict[str, tf.Tensor]:
         index = start + row
-        valid = index < end
-        item = source.tf_lookup(tf.minimum(index, num_examples - 1))
-        image = views.eval_view(item["image"], inp.image_size, crop_fraction)
+        return {"index": tf.minimum(index, num_examples - 1), "valid": index < end}
+
+    def fetch(el: dict[str, tf.Tensor], index: tf.Tensor) -> dict[str, tf.Tensor]:
+        del el
+        return source.tf_lookup(index)
+
+    @tf.autograph.experimental.do_not_convert
+    def finish(el: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        # An unreadable file has no substitute here: it is left out of the evaluation.
+        valid = el["valid"] & ~el["corrupt"]
+        image = views.eval_view(el["image"], inp.image_size, crop_fraction)
         return {
             "image": normalize(image, inp.mean, inp.std),
-            "label": tf.where(valid, tf.cast(item["label"], tf.int32), -1),
+            "label": tf.where(valid, tf.cast(el["label"], tf.int32), -1),
             "valid": valid,
-            "index": tf.cast(tf.where(valid, index, -1), tf.int32),
+            "index": tf.cast(tf.where(valid, el["index"], -1), tf.int32),
         }
 
     ds = tf.data.Dataset.range(num_batches * batch_size)
-    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(locate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = _fetch_all(ds, source, fetch, inp, substitutes=False)
+    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(
+        batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options())
+    return ds.with_options(_options(inp))
+
+
+class SkipCounter:
+    """Wraps the numpy train batches: removes 'corrupt', counts and logs the skipped files.
+
+    `skipped` counts the rows of this process whose scheduled file could not be read or
+    decoded since this iterator started (each visit counts: a bad file is met once per
+    epoch). The first `max_logged` distinct files are logged by name (`Source.describe`).
+    """
+
+    def __init__(
+        self, batches: Iterator[dict[str, np.ndarray]], source: Source, max_logged: int = 100
+    ) -> None:
+        self._batches = batches
+        self._source = source
+        self._max_logged = max_logged
+        self._logged: set[int] = set()
+        self.skipped = 0
+
+    def __iter__(self) -> SkipCounter:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self._batches))
+        corrupt = batch.pop("corrupt")
+        for index in batch["index"][corrupt].tolist():
+            self.skipped += 1
+            if len(self._logged) < self._max_logged and index not in self._logged:
+                self._logged.add(index)
+                logging.warning(
+                    "Skipped an unreadable example (replaced by the next readable one): %s",
+                    self._source.describe(index),
+                )
+        return batch

@@ -30,6 +30,7 @@ import functools
 import math
 from typing import Any
 
+import ml_collections
 import tensorflow as tf
 
 # Sub-seed tags: each random decision of a view draws from its own stream.
@@ -211,22 +212,31 @@ def target_augment(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tf.Tensor:
     return image
 
 
-def pixel_shift_views_with_params(
-    image: tf.Tensor, seed: tf.Tensor, cfg: Any, *, with_target: bool = True
-) -> tuple[tf.Tensor, tf.Tensor | None, dict[str, tf.Tensor]]:
-    """Views plus the sampled parameters (box, flip, dy, dx, flipped master), for tests.
+def master_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, cfg: Any) -> tf.Tensor:
+    """The master RandomResizedCrop box [y, x, h, w] (int32) of an image of that size."""
+    box = random_resized_crop_box(
+        _fold(seed, _CROP), height, width, tuple(cfg.crop_scale), tuple(cfg.crop_ratio)
+    )
+    return tf.stack(box)
 
-    Without a target view (plain MAE) the master crop is resized straight to image_size
-    (RandomResizedCrop + flip) and the online view is the whole master.
+
+def crop_image(image: tf.Tensor, box: tf.Tensor) -> tf.Tensor:
+    """The [y, x, h, w] box of an [H, W, C] image."""
+    channels = image.shape[-1]
+    return tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], channels]))
+
+
+def views_from_crop(
+    crop: tf.Tensor, seed: tf.Tensor, cfg: Any, *, with_target: bool = True
+) -> tuple[tf.Tensor, tf.Tensor | None, dict[str, tf.Tensor]]:
+    """Views of an already cut master crop (uint8 [h, w, C]); `seed` as for the box.
+
+    Sources that decode and crop in one step (JPEG files) cut the box of `master_crop_box`
+    themselves and continue here; the result equals `pixel_shift_views_with_params`.
     """
     size = cfg.image_size
     shift = cfg.shift if with_target else 0
-    channels = image.shape[-1]
-    shape = tf.shape(image)
-    y, x, h, w = random_resized_crop_box(
-        _fold(seed, _CROP), shape[0], shape[1], tuple(cfg.crop_scale), tuple(cfg.crop_ratio)
-    )
-    crop = tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, channels]))
+    channels = crop.shape[-1]
     master = _resize(_to_float(crop), (size + shift, size + shift))
     if cfg.flip:
         flip = _uniform(_fold(seed, _FLIP), []) < 0.5
@@ -240,18 +250,28 @@ def pixel_shift_views_with_params(
         )
     else:
         offset = tf.zeros([2], tf.int32)
-    params = {
-        "box": tf.stack([y, x, h, w]),
-        "flip": flip,
-        "dy": offset[0],
-        "dx": offset[1],
-        "master": master,
-    }
+    params = {"flip": flip, "dy": offset[0], "dx": offset[1], "master": master}
     if not with_target:
         return online, None, params
     target = tf.slice(master, tf.stack([offset[0], offset[1], 0]), [size, size, channels])
     target = target_augment(target, _fold(seed, _COLOR), cfg)
     return online, target, params
+
+
+def pixel_shift_views_with_params(
+    image: tf.Tensor, seed: tf.Tensor, cfg: Any, *, with_target: bool = True
+) -> tuple[tf.Tensor, tf.Tensor | None, dict[str, tf.Tensor]]:
+    """Views plus the sampled parameters (box, flip, dy, dx, flipped master), for tests.
+
+    Without a target view (plain MAE) the master crop is resized straight to image_size
+    (RandomResizedCrop + flip) and the online view is the whole master.
+    """
+    shape = tf.shape(image)
+    box = master_crop_box(seed, shape[0], shape[1], cfg)
+    online, target, params = views_from_crop(
+        crop_image(image, box), seed, cfg, with_target=with_target
+    )
+    return online, target, {"box": box, **params}
 
 
 def pixel_shift_views(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tuple[tf.Tensor, tf.Tensor]:
@@ -277,3 +297,53 @@ def eval_view(image: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -> 
     left = (new_hw[1] - image_size) // 2
     channels = image.shape[-1]
     return tf.slice(resized, tf.stack([top, left, 0]), [image_size, image_size, channels])
+
+
+# MAE-CT's two views (SPEC, MAE-CT "Augmentation"): each an independent RandomResizedCrop
+# (config.input.crop_scale, 0.08-1.0 there) + flip of the whole image, drawn from its own
+# sub-seed. The "_aug" variant (config.input.views='two_crops_aug', parameters in
+# config.input.view_augment) adds BYOL's asymmetric colour ops as the official maectaug
+# configs: colour jitter p 0.8 and grayscale p 0.2 on both views, blur p 1.0 on the first
+# and 0.1 on the second, solarize p 0.2 on the second.
+_TWO_VIEW_TAGS = (4, 5)
+_SOLARIZE_APPLY = 6
+SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize threshold 128 on uint8
+
+
+def solarize(image: tf.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> tf.Tensor:
+    """Inverts the pixels at or above `threshold` (PIL's solarize), [0, 1] floats."""
+    return tf.where(image < threshold, image, 1.0 - image)
+
+
+def two_view_augment(image: tf.Tensor, seed: tf.Tensor, aug_cfg: Any, view: int) -> tf.Tensor:
+    """BYOL colour ops of MAE-CT's view `view` (0 or 1); probabilities per view in `aug_cfg`."""
+    per_view = ml_collections.ConfigDict(
+        dict(
+            color_jitter=aug_cfg.color_jitter,
+            grayscale_prob=aug_cfg.grayscale_prob,
+            blur_prob=aug_cfg.blur_prob[view],
+            blur_sigma=tuple(aug_cfg.blur_sigma),
+        )
+    )
+    image = target_augment(image, seed, per_view)
+    solarize_prob = aug_cfg.solarize_prob[view]
+    if solarize_prob > 0:
+        image = tf.cond(
+            _uniform(_fold(seed, _SOLARIZE_APPLY), []) < solarize_prob,
+            lambda: solarize(image),
+            lambda: image,
+        )
+    return image
+
+
+def two_crop_views(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """MAE-CT's two views of one whole uint8 image, float32 [S, S, C] in [0, 1] each."""
+    aug_cfg = cfg.view_augment if cfg.get("views") == "two_crops_aug" else None
+    out = []
+    for view, tag in enumerate(_TWO_VIEW_TAGS):
+        view_seed = _fold(seed, tag)
+        crop = online_view(image, view_seed, cfg)
+        if aug_cfg is not None:
+            crop = two_view_augment(crop, _fold(view_seed, _COLOR), aug_cfg, view)
+        out.append(crop)
+    return out[0], out[1]
