@@ -1,5 +1,6 @@
 """Pretraining losses: normalised-pixel reconstruction and InfoNCE."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -41,12 +42,16 @@ def info_nce(queries: jax.Array, keys: jax.Array, temperature: float) -> jax.Arr
 
     The loss is scaled by 2 * temperature as in MoCo v3 (and the official CMAE code), which
     keeps its gradient magnitude independent of the temperature. Keys get no gradient: they
-    come from the EMA target branch. Under jit the [B, B] logits of a batch sharded over
-    devices are computed sharded; the negatives are the whole global batch.
+    come from the EMA target branch. The negatives are the whole global batch: under jit
+    the keys are gathered from every device, and the [B, B] logits are constrained to rows
+    over the batch axes and columns over 'activation_negatives' (tensor), so no device
+    ever holds them whole.
     """
     q = l2_normalize(queries)
     k = jax.lax.stop_gradient(l2_normalize(keys))
-    logits = q @ k.T / temperature
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    loss = -jnp.mean(jnp.diagonal(log_probs))
+    logits = nn.with_logical_constraint(q @ k.T / temperature, ("batch", "activation_negatives"))
+    # The positive logit of row i is q_i . k_i: a row-wise product instead of the diagonal
+    # of the sharded logits, which would need its own gather.
+    positives = jnp.sum(q * k, axis=-1) / temperature
+    loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - positives)
     return loss * 2.0 * temperature

@@ -25,8 +25,12 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def peak_learning_rate(opt_cfg: ml_collections.ConfigDict, global_batch_size: int) -> float:
-    """The linear scaling rule: base_lr * global_batch / 256."""
-    return opt_cfg.base_lr * global_batch_size / 256
+    """The linear scaling rule: base_lr * global_batch * views_per_example / 256.
+
+    `views_per_example` (default 1) counts the views each example contributes to a step:
+    MAE-CT's official code scales by the number of views it sees (2).
+    """
+    return opt_cfg.base_lr * global_batch_size * opt_cfg.get("views_per_example", 1) / 256
 
 
 def learning_rate_schedule(

@@ -24,6 +24,27 @@ class TrainState:
     opt_state: Any
 
 
+def abstract_sharded_state(
+    init_fn: Callable[[jax.Array], TrainState],
+    rng: jax.Array,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]],
+) -> tuple[Any, Any]:
+    """(shardings, abstract state) of `init_fn`'s result on `mesh`, without computing it.
+
+    The abstract state is a tree of ShapeDtypeStructs carrying their shardings: the restore
+    target of checkpoints, and the input of ahead-of-time compilation (cmae_jax.aot).
+    """
+    boxed = jax.eval_shape(init_fn, rng)
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        shardings,
+    )
+    return shardings, abstract
+
+
 def create_sharded_state(
     init_fn: Callable[[jax.Array], TrainState],
     rng: jax.Array,
@@ -35,14 +56,10 @@ def create_sharded_state(
     `init_fn` may return leaves boxed with logical axis names (nn.with_logical_partitioning);
     their names map to mesh axes by `rules`. Returns (state, shardings, abstract_state): the
     abstract state (ShapeDtypeStructs with shardings) is the restore target for checkpoints.
+    No device ever holds the whole state: each computes only its own shards.
     """
-    boxed = jax.eval_shape(init_fn, rng)
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(
-        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-        nn.meta.unbox(boxed),
-        shardings,
-    )
-    # The explicit out_shardings place every leaf; no mesh context is needed while tracing.
+    shardings, abstract = abstract_sharded_state(init_fn, rng, mesh, rules)
+    # The explicit out_shardings place every leaf; no mesh context is needed while tracing
+    # (init's dummy batch of 2 need not be divisible by the batch axes).
     state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return state, shardings, abstract

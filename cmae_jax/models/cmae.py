@@ -40,7 +40,8 @@ class CMAE(nn.Module):
     projection_dim: int = 256
     contrastive: bool = True
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = "none"  # remat policy of every transformer block (vit.REMAT_POLICIES)
+    scan_layers: bool = False  # nn.scan over the blocks of encoder and decoders
 
     def setup(self):
         self.encoder = vit.Encoder(
@@ -51,6 +52,7 @@ class CMAE(nn.Module):
             patch_size=self.patch_size,
             dtype=self.dtype,
             remat=self.remat,
+            scan_layers=self.scan_layers,
         )
         self.pixel_decoder = Decoder(
             out_dim=self.patch_size * self.patch_size * self.channels,
@@ -60,6 +62,7 @@ class CMAE(nn.Module):
             mlp_dim=4 * self.pixel_decoder_width,
             dtype=self.dtype,
             remat=self.remat,
+            scan_layers=self.scan_layers,
         )
         if self.contrastive:
             # Same structure as the pixel decoder (width, heads), own parameters, depth 2; its
@@ -72,11 +75,12 @@ class CMAE(nn.Module):
                 mlp_dim=4 * self.pixel_decoder_width,
                 dtype=self.dtype,
                 remat=self.remat,
+                scan_layers=self.scan_layers,
             )
             # The heads run in float32 whatever `dtype` is: they are tiny, and BatchNorm and the
             # InfoNCE logits (temperature 0.07) are sensitive to bf16 rounding.
-            self.projector = MLPHead(self.projector_hidden, self.projection_dim)
-            self.predictor = MLPHead(self.projector_hidden, self.projection_dim)
+            self.projector = MLPHead(self.projector_hidden, self.projection_dim, in_axis="embed")
+            self.predictor = MLPHead(self.projector_hidden, self.projection_dim, in_axis="proj")
 
     def _grid(self, images: jax.Array) -> tuple[int, int]:
         return images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
@@ -151,6 +155,10 @@ def build_model(model_cfg: Any, input_cfg: Any, contrastive: bool | None = None)
     dtype_name = _get(model_cfg, "dtype", "float32")
     if dtype_name not in _DTYPES:
         raise ValueError(f"config.model.dtype={dtype_name!r} is not one of {sorted(_DTYPES)}.")
+    try:
+        remat = vit.remat_policy_name(_get(model_cfg, "remat", "none"))
+    except ValueError as e:
+        raise ValueError(f"config.model.{e}") from None
     if contrastive is None:
         contrastive = _get(model_cfg, "contrastive", _get(input_cfg, "target_view", True))
     return CMAE(
@@ -168,5 +176,6 @@ def build_model(model_cfg: Any, input_cfg: Any, contrastive: bool | None = None)
         projection_dim=int(_get(model_cfg, "projection_dim", 256)),
         contrastive=bool(contrastive),
         dtype=_DTYPES[dtype_name],
-        remat=bool(_get(model_cfg, "remat", False)),
+        remat=remat,
+        scan_layers=bool(_get(model_cfg, "scan_layers", False)),
     )

@@ -43,7 +43,8 @@ class Decoder(nn.Module):
     num_heads: int = 16
     mlp_dim: int = 2048
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = "none"  # remat policy of the blocks (vit.REMAT_POLICIES)
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -76,8 +77,10 @@ class Decoder(nn.Module):
         pos = jnp.asarray(vit.sincos_2d_posemb(self.width, grid_h, grid_w), self.dtype)
         # The cls slot of the position embedding is zero: the cls token gets nothing added.
         x = jnp.concatenate([x[:, :1], patches + pos[None]], axis=1)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x = vit.block_stack(x, self.depth, self.num_heads, self.mlp_dim, self.dtype, self.remat)
+        x = nn.with_logical_constraint(x, vit.TOKENS)
+        x = vit.block_stack(
+            x, self.depth, self.num_heads, self.mlp_dim, self.dtype, self.remat, self.scan_layers
+        )
         x = vit.layer_norm(self.dtype, "norm")(x)
         x = vit.dense(self.out_dim, ("embed", None), self.dtype, "pred")(x)
         return x[:, 1:]

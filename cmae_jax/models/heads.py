@@ -41,6 +41,9 @@ class MLPHead(nn.Module):
     last_bias: bool = False
     last_bn: bool = False
     dtype: Dtype = jnp.float32
+    # Logical name of the input features ('embed' after an encoder, 'proj' after a
+    # projector), so that the first kernel is split over fsdp like the encoder's.
+    in_axis: str | None = None
 
     def _batch_norm(self, train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
         return nn.BatchNorm(
@@ -59,18 +62,22 @@ class MLPHead(nn.Module):
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
         x = x.astype(self.dtype)
         for i in range(self.num_layers - 1):
-            # A head's input may be 'embed' (encoder) or 'proj' (predictor) and a hidden->hidden
-            # layer would name 'mlp' twice, so only the output axis of hidden layers is named.
+            # A hidden->hidden layer would name 'mlp' twice, so its input axis stays unnamed.
             x = vit.dense(
-                self.hidden_dim, (None, "mlp"), self.dtype, f"dense_{i}", self.hidden_bias
+                self.hidden_dim,
+                (self.in_axis if i == 0 else None, "mlp"),
+                self.dtype,
+                f"dense_{i}",
+                self.hidden_bias,
             )(x)
+            x = nn.with_logical_constraint(x, ("batch", "activation_mlp"))
             x = self._batch_norm(train, "mlp", f"bn_{i}")(x)
             x = nn.relu(x)
         last = self.num_layers - 1
-        in_axis = "mlp" if last else None
+        in_axis = "mlp" if last else self.in_axis
         x = vit.dense(self.out_dim, (in_axis, "proj"), self.dtype, f"dense_{last}", self.last_bias)(
             x
         )
         if self.last_bn:
             x = self._batch_norm(train, "proj", f"bn_{last}")(x)
-        return x
+        return nn.with_logical_constraint(x, ("batch", None))

@@ -134,8 +134,31 @@ def dense(
     )
 
 
+# Activations carry their own logical names: the parameters' 'embed' is split over fsdp,
+# while the tokens keep their whole width on each device (see cmae_jax.sharding).
+TOKENS = ("batch", "length", "activation_embed")
+HEADS = ("batch", "length", "activation_heads", "activation_kv")
+
+# Rematerialisation of the transformer blocks in the backward pass: 'none' keeps every
+# activation; 'full' keeps only each block's input and recomputes the rest; 'save_dots'
+# keeps the outputs of the linear layers (matmuls without batch dimensions) and recomputes
+# attention scores, softmax, norms and GELU.
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+def remat_policy_name(remat: bool | str | None) -> str:
+    """Normalises a remat setting (a policy name, or the older booleans) to a policy name."""
+    if remat is None or remat is False:
+        return "none"
+    if remat is True:
+        return "full"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}.")
+    return remat
+
+
 def _constrain_tokens(x: jax.Array) -> jax.Array:
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(x, TOKENS)
 
 
 class HeadsProjection(nn.Module):
@@ -193,15 +216,18 @@ class Attention(nn.Module):
             name="qkv",
         )(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, L, heads, head_dim]
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
-        v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+        q = nn.with_logical_constraint(q, HEADS)
+        k = nn.with_logical_constraint(k, HEADS)
+        v = nn.with_logical_constraint(v, HEADS)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim**-0.5), k)
+        logits = nn.with_logical_constraint(logits, ("batch", "activation_heads", None, None))
         # Softmax in float32 even under bf16 compute: bf16 exp/sum loses too much precision.
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         # Only stored when the caller makes 'intermediates' mutable (for attention maps).
         self.sow("intermediates", "attention_weights", weights)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+        out = nn.with_logical_constraint(
+            jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v), HEADS
+        )
         # Kernel [heads, head_dim, width]: fan_in = fan_out = width (xavier on [width, width]).
         return HeadsProjection(
             kernel_shape=(self.num_heads, head_dim, width),
@@ -225,26 +251,59 @@ class MlpBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         y = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(x)
-        y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
+        y = nn.with_logical_constraint(y, ("batch", "length", "activation_mlp"))
         y = nn.gelu(y, approximate=False)
         return dense(width, ("mlp", "embed"), self.dtype, "fc2")(y)
 
 
+def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Array:
+    """Stochastic depth: zeroes each example's residual branch with probability `rate`,
+    scaling the kept ones by 1 / (1 - rate) (timm's DropPath)."""
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    With `carry` it returns (x, None), the form nn.scan needs for its body. With
+    `drop_path` > 0 and not `deterministic`, each residual branch is dropped per example
+    (stochastic depth; rng stream 'dropout') at the rate given as the second argument, or
+    at `drop_path` when that is None.
+    """
 
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    carry: bool = False
+    drop_path: float = 0.0
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, rate: jax.Array | None = None
+    ) -> jax.Array | tuple[jax.Array, None]:
+        stochastic = self.drop_path > 0 and not self.deterministic
+        rate = self.drop_path if rate is None else rate
+        residual = lambda y: drop_path(y, rate, self.make_rng("dropout")) if stochastic else y
         x = _constrain_tokens(x)
         y = layer_norm(self.dtype, "norm1")(x)
-        x = x + Attention(self.num_heads, self.dtype, name="attn")(y)
+        x = x + residual(Attention(self.num_heads, self.dtype, name="attn")(y))
         y = layer_norm(self.dtype, "norm2")(x)
-        x = x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(y)
-        return _constrain_tokens(x)
+        x = x + residual(MlpBlock(self.mlp_dim, self.dtype, name="mlp")(y))
+        x = _constrain_tokens(x)
+        return (x, None) if self.carry else x
+
+
+def block_class(remat: bool | str, scan: bool = False) -> type[Block]:
+    """Block, wrapped in nn.remat with the named policy (see REMAT_POLICIES)."""
+    name = remat_policy_name(remat)
+    if name == "none":
+        return Block
+    policy = None if name == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    # Inside a scan the loop already keeps XLA from merging recomputation with the forward
+    # pass, and prevent_cse would only block optimisations.
+    return nn.remat(Block, policy=policy, prevent_cse=not scan)
 
 
 def block_stack(
@@ -253,12 +312,36 @@ def block_stack(
     num_heads: int,
     mlp_dim: int,
     dtype: Dtype,
-    remat: bool,
+    remat: bool | str,
+    scan: bool = False,
+    drop_path: float = 0.0,
+    deterministic: bool = True,
 ) -> jax.Array:
-    """Applies `depth` blocks named block_0 .. block_{depth-1} (call inside a compact method)."""
-    block_cls = nn.remat(Block) if remat else Block
+    """Applies `depth` blocks (call inside a compact method).
+
+    Unrolled, the blocks are block_0 .. block_{depth-1}. With `scan` they are one module
+    'blocks' run by nn.scan, each parameter stacked along a leading axis of length depth
+    (logical name 'layers'): the step compiles one block instead of depth copies, which
+    makes compile time and program size independent of depth. `drop_path` is the stochastic
+    depth rate of the last block; block i gets drop_path * i / (depth - 1) (timm, MAE).
+    """
+    rates = np.linspace(0.0, drop_path, depth) if depth > 1 else np.full([depth], drop_path)
+    options = dict(drop_path=drop_path, deterministic=deterministic)
+    if scan:
+        stack = nn.scan(
+            block_class(remat, scan=True),
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True, "dropout": True},
+            length=depth,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        xs = jnp.asarray(rates, jnp.float32) if drop_path > 0 else None
+        x, _ = stack(num_heads, mlp_dim, dtype, carry=True, name="blocks", **options)(x, xs)
+        return x
+    block_cls = block_class(remat)
     for i in range(depth):
-        x = block_cls(num_heads, mlp_dim, dtype, name=f"block_{i}")(x)
+        rate = float(rates[i]) if drop_path > 0 else None
+        x = block_cls(num_heads, mlp_dim, dtype, name=f"block_{i}", **options)(x, rate)
     return x
 
 
@@ -283,10 +366,14 @@ class Encoder(nn.Module):
     mlp_dim: int
     patch_size: int
     dtype: Dtype = jnp.float32
-    remat: bool = False  # rematerialise each block in the backward pass (saves memory)
+    remat: bool | str = "none"  # remat policy of the blocks (REMAT_POLICIES); saves memory
+    scan_layers: bool = False  # run the blocks with nn.scan (stacked parameters)
+    drop_path: float = 0.0  # stochastic depth rate of the last block (fine-tuning), with train
 
     @nn.compact
-    def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None) -> EncoderOutput:
+    def __call__(
+        self, images: jax.Array, ids_keep: jax.Array | None = None, *, train: bool = False
+    ) -> EncoderOutput:
         p = self.patch_size
         b, h, w, _ = images.shape
         if h % p or w % p:
@@ -322,7 +409,17 @@ class Encoder(nn.Module):
         )
         cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width))
         x = _constrain_tokens(jnp.concatenate([cls, x], axis=1))
-        x = block_stack(x, self.depth, self.num_heads, self.mlp_dim, self.dtype, self.remat)
+        x = block_stack(
+            x,
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.remat,
+            self.scan_layers,
+            drop_path=self.drop_path,
+            deterministic=not train,
+        )
         tokens = _constrain_tokens(layer_norm(self.dtype, "norm")(x))
         return EncoderOutput(tokens=tokens, prenorm=x)
 
@@ -347,10 +444,14 @@ __all__: Sequence[str] = (
     "Encoder",
     "EncoderOutput",
     "MlpBlock",
+    "block_class",
+    "block_stack",
     "count_params",
+    "drop_path",
     "encoder_from_variant",
     "parse_variant",
     "patchify",
+    "remat_policy_name",
     "sincos_2d_posemb",
     "unpatchify",
 )

@@ -1,0 +1,506 @@
+"""MAE-CT, top to bottom: MAE pretraining, an NNCLR head on the frozen encoder, contrastive tuning.
+
+The three stages (SPEC, MAE-CT) run one after the other, each in a sub-folder of the
+workdir and each resumable on its own:
+
+  1_mae   MAE pretraining: the MAE trainer (cmae_jax.train_cmae with contrastive_weight 0)
+          on the config's top-level keys.
+  2_head  NNCLR projector + predictor on the frozen encoder (config.stages.head).
+  3_tune  Contrastive tuning: the encoder's upper half and the heads (config.stages.tune).
+
+Each stage's encoder initialises the next (stage 3 also takes stage 2's heads, and its EMA
+projector starts as a copy of the loaded projector, as the official code does). A stage
+whose `init_from` names a checkpoint of this project starts from there instead, and the
+stages before it are skipped. A finished stage is recorded in WORKDIR/results.json and not
+run again. After each stage the k-NN top-1 of its encoder is printed as
+`k-NN top-1: NN.NN%`.
+
+Stages 2 and 3 share one update step: both views go through encoder, projector and
+predictor; the keys of each view (the EMA projector's outputs, or the online projector's
+when the momentum is 0) are L2-normalised and looked up in the queue (top-k, random pick,
+own entry excluded, see cmae_jax.nnclr); the loss is the symmetrised NNCLR InfoNCE over the
+global batch; only the trainable parameters are differentiated and updated
+(cmae_jax.param_groups); view 0's keys of the whole global batch then enter the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from cmae_jax import (
+    checkpointing,
+    ema,
+    losses,
+    nnclr,
+    optim,
+    param_groups,
+    sharding,
+    train_cmae,
+    train_state,
+)
+from cmae_jax.checkpointing import Checkpointer
+from cmae_jax.data import pipeline, sources
+from cmae_jax.models import maect as maect_model
+
+# Sub-folder of each stage, and the config.stages section of the contrastive ones.
+STAGES = ("1_mae", "2_head", "3_tune")
+STAGE_SECTIONS = {"2_head": "head", "3_tune": "tune"}
+HEAD_KEYS = ("projector", "predictor")
+
+
+@flax.struct.dataclass
+class MaectState(train_state.TrainState):
+    """The train state of stages 2 and 3: TrainState plus the NN queue.
+
+    `opt_state` covers the trainable parameters only (and holds the EMA projector).
+    """
+
+    queue: nnclr.Queue
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """The config a stage trains with: the top-level keys, overridden by config.stages[stage].
+
+    Keys of the stage's section that also exist at the top level (num_epochs, total_steps,
+    input, optimizer, ...) replace them, nested sections key by key; the stage-only keys
+    (init_from, temperature, ...) stay in config.stages[stage].
+    """
+    out = config.copy_and_resolve_references()
+
+    def override(target: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict):
+        for key, value in overrides.items():
+            if isinstance(value, ml_collections.ConfigDict) and isinstance(
+                target.get(key), ml_collections.ConfigDict
+            ):
+                override(target[key], value)
+            else:
+                target[key] = value
+
+    with out.unlocked():
+        if stage in STAGE_SECTIONS:
+            section = out.stages[STAGE_SECTIONS[stage]]
+            override(out, {k: v for k, v in section.items() if k in out})
+        else:
+            out.method = "mae"  # stage 1 is the MAE trainer's ordinary run
+    return out
+
+
+# -------------------------------------------------------------------- Checkpoint hand-off
+
+
+def load_pretrained(path: str, abstract_state: MaectState) -> tuple[dict, dict]:
+    """(params, batch_stats) to start a stage from: the encoder of any checkpoint here, and
+    the NNCLR heads with their BatchNorm statistics when the checkpoint has matching ones.
+
+    Restores only those parts, straight into the shardings of `abstract_state`.
+    """
+    return checkpointing.load_params(
+        path,
+        abstract_state.params,
+        required=("encoder",),
+        optional=HEAD_KEYS,
+        abstract_batch_stats=abstract_state.batch_stats,
+    )
+
+
+# -------------------------------------------------------------------- Model and optimiser
+
+
+def make_model_and_optimizer(
+    config: ml_collections.ConfigDict,
+    stage: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    total_steps: int,
+):
+    """(model, tx, schedules) of a contrastive stage; tx covers the trainable params only.
+
+    The encoder's trainable part gets AdamW (stage.optimizer) with layer-wise lr decay, the
+    heads their own AdamW (stage.head_optimizer); with stage.ema_momentum > 0 an EMA copy
+    of the projector rides in the optimiser state. `schedules` maps metric names to the
+    lr and momentum schedules.
+    """
+    model = maect_model.build_model(config.model, config.input, config.maect)
+    batch = config.input.global_batch_size
+    head_lr = optim.learning_rate_schedule(
+        stage.head_optimizer, batch, steps_per_epoch, total_steps
+    )
+    transforms = {"head": optim.adamw(stage.head_optimizer, head_lr)}
+    schedules = {"learning_rate": head_lr}
+    if not stage.freeze_encoder:
+        encoder_lr = optim.learning_rate_schedule(
+            stage.optimizer, batch, steps_per_epoch, total_steps
+        )
+        transforms["encoder"] = optax.chain(
+            optim.adamw(stage.optimizer, encoder_lr),
+            param_groups.scale_by_layer_decay(model.depth, stage.layer_decay),
+        )
+        schedules["encoder_learning_rate"] = encoder_lr
+    # Labels as a prefix tree over the top-level keys of the trainable params.
+    labels = lambda params: {key: "encoder" if key == "encoder" else "head" for key in params}
+    tx = optax.multi_transform(transforms, labels)
+    if stage.ema_momentum > 0:
+        momentum = ema.momentum_schedule(stage.ema_momentum, total_steps, "constant")
+        tx = optax.chain(tx, ema.ema_target(momentum, ("projector",)))
+        schedules["ema_momentum"] = momentum
+    return model, tx, schedules
+
+
+def make_init_state(model: nn.Module, tx: optax.GradientTransformation, config, stage):
+    """A function rng -> MaectState (leaves boxed with logical axis names), empty queue."""
+    size, channels = config.input.image_size, config.input.channels
+    freeze = dict(freeze_encoder=stage.freeze_encoder, frozen_blocks=stage.frozen_blocks)
+
+    def init_state(rng):
+        variables = model.init(rng, jnp.zeros((2, size, size, channels)), train=False)
+        params = variables["params"]
+        trainable, _ = param_groups.split(params, **freeze)
+        return MaectState(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            batch_stats=variables["batch_stats"],
+            opt_state=tx.init(trainable),
+            queue=nnclr.init_queue(config.maect.queue_size, model.projection_dim),
+        )
+
+    return init_state
+
+
+# -------------------------------------------------------------------- Update step
+
+
+def make_train_step(model: nn.Module, config, stage_name: str, stage, tx, schedules):
+    """The update step of stages 2 and 3: NN lookup, NNCLR loss, update, enqueue."""
+    freeze = dict(freeze_encoder=stage.freeze_encoder, frozen_blocks=stage.frozen_blocks)
+    use_ema = stage.ema_momentum > 0
+    # Independent NN picks per stage; per step they follow from (seed, step) alone, so a
+    # resumed run draws what an uninterrupted one would.
+    stage_rng = jax.random.fold_in(jax.random.key(config.seed), STAGES.index(stage_name))
+
+    def train_step(state: MaectState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(stage_rng, state.step)
+        trainable, frozen = param_groups.split(state.params, **freeze)
+
+        def loss_fn(trainable):
+            # Frozen parameters enter as constants: nothing is differentiated through them.
+            params = param_groups.merge(trainable, frozen)
+            batch_stats = state.batch_stats
+            outputs, keys = [], []
+            for images in (batch["view1"], batch["view2"]):
+                out, updated = model.apply(
+                    {"params": params, "batch_stats": batch_stats},
+                    images,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
+                batch_stats = updated["batch_stats"]
+                if use_ema:
+                    # The EMA projector on this view's features; its BatchNorm uses the
+                    # batch statistics and its running averages are never used.
+                    key, _ = model.apply(
+                        {
+                            "params": {
+                                "projector": ema.target_params(state.opt_state)["projector"]
+                            },
+                            "batch_stats": {"projector": state.batch_stats["projector"]},
+                        },
+                        jax.lax.stop_gradient(out["pooled"]),
+                        train=True,
+                        method=model.project,
+                        mutable=["batch_stats"],
+                    )
+                else:
+                    key = out["projection"]
+                outputs.append(out)
+                keys.append(losses.l2_normalize(jax.lax.stop_gradient(key)))
+            lookups = [
+                nnclr.nearest_neighbours(
+                    state.queue,
+                    keys[v],
+                    batch["index"],
+                    jax.random.fold_in(rng, v),
+                    config.maect.topk,
+                )
+                for v in range(2)
+            ]
+            loss = nnclr.symmetric_nnclr_loss(
+                (lookups[0][0], lookups[1][0]),
+                (outputs[0]["prediction"], outputs[1]["prediction"]),
+                stage.temperature,
+            )
+            return loss, (batch_stats, keys[0], lookups[0])
+
+        (loss, (batch_stats, keys0, (_, rows0, found0))), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        # The current keys enter after both lookups (see cmae_jax.nnclr on "own entry").
+        queue = nnclr.enqueue(state.queue, keys0, batch["label"], batch["index"])
+        same = (state.queue.labels[rows0] == batch["label"]) & found0
+        metrics = {
+            "loss": loss,
+            # How often view 0's chosen neighbour has the query's label.
+            "nn_accuracy": same.sum() / jnp.maximum(found0.sum(), 1),
+            "queue_fill": queue.count / queue.keys.shape[0],
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(trainable),
+        }
+        metrics.update({name: fn(state.step) for name, fn in schedules.items()})
+        new_state = MaectState(
+            step=state.step + 1,
+            params=param_groups.merge(trainable, frozen),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            queue=queue,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+# -------------------------------------------------------------------- One contrastive stage
+
+
+def train_stage(
+    config: ml_collections.ConfigDict,
+    stage_name: str,
+    workdir: str,
+    *,
+    init_from: str,
+    stop_at_step: int | None = None,
+) -> dict[str, Any]:
+    """Runs stage 2 or 3 in `workdir`: resumes its newest checkpoint, else starts from the
+    checkpoint at `init_from`. Returns 'knn_top1' (when evaluated) and 'history'.
+
+    `stop_at_step` ends the stage after saving a checkpoint at that step, as a preemption
+    would; a later call resumes from there.
+    """
+    stage = config.stages[STAGE_SECTIONS[stage_name]]
+    config = stage_config(config, stage_name)
+    is_chief = jax.process_index() == 0
+    global_batch_size = config.input.global_batch_size
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    if is_chief:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # ---------------------------------------------------------------- Mesh
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_axis_rules(config.logical_axis_rules)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    # ---------------------------------------------------------------- Input
+    train_source = sources.make_source(config.dataset, config.dataset.train_split)
+    steps_per_epoch = pipeline.steps_per_epoch(train_source.num_examples, global_batch_size)
+    total_steps = config.total_steps or config.num_epochs * steps_per_epoch
+    logging.info("Stage %s: %d steps per epoch, %d steps", stage_name, steps_per_epoch, total_steps)
+
+    # ---------------------------------------------------------------- Model and optimiser
+    model, tx, schedules = make_model_and_optimizer(config, stage, steps_per_epoch, total_steps)
+    init_state = make_init_state(model, tx, config, stage)
+
+    # ---------------------------------------------------------------- Sharding
+    state, state_shardings, abstract_state = train_state.create_sharded_state(
+        init_state, jax.random.key(config.seed), mesh, rules
+    )
+    freeze = dict(freeze_encoder=stage.freeze_encoder, frozen_blocks=stage.frozen_blocks)
+    trainable, _ = param_groups.split(abstract_state.params, **freeze)
+    logging.info(
+        "Stage %s: %.2fM parameters, %.2fM trainable",
+        stage_name,
+        sum(x.size for x in jax.tree.leaves(abstract_state.params)) / 1e6,
+        sum(x.size for x in jax.tree.leaves(trainable)) / 1e6,
+    )
+
+    # ---------------------------------------------------------------- Update step
+    replicated = sharding.replicated(mesh)
+    train_step = jax.jit(
+        make_train_step(model, config, stage_name, stage, tx, schedules),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+    # ---------------------------------------------------------------- Checkpoint
+    checkpointer = Checkpointer(
+        workdir, keep=config.keep_checkpoints, save_every_steps=config.checkpoint_every_steps
+    )
+    start_step = 0
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, position = checkpointer.restore(latest, abstract_state)
+        expected = train_cmae.data_position(config, latest, steps_per_epoch)
+        train_cmae.check_resumable(position, expected, workdir)
+        start_step = position["next_step"]
+        logging.info("Resumed stage %s at step %d", stage_name, start_step)
+    else:
+        # Hand-off: the loaded parts replace the fresh ones, and the optimiser starts on
+        # them (zero moments; the EMA projector a copy of the loaded projector).
+        params, batch_stats = load_pretrained(init_from, abstract_state)
+
+        def hand_off(state, params, batch_stats):
+            params = {**state.params, **params}
+            trainable, _ = param_groups.split(params, **freeze)
+            return state.replace(
+                params=params,
+                batch_stats={**state.batch_stats, **batch_stats},
+                opt_state=tx.init(trainable),
+            )
+
+        state = jax.jit(hand_off, out_shardings=state_shardings, donate_argnums=0)(
+            state, params, batch_stats
+        )
+
+    # ---------------------------------------------------------------- Loop
+    local_batches = pipeline.train_dataset(
+        config,
+        train_source,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ).as_numpy_iterator()
+    batches = sharding.prefetch_to_devices(local_batches, batch_sharding)
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        last_log_time, last_log_step = time.time(), start_step
+        history = []
+        end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+        for step in range(start_step + 1, end_step + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = train_step(state, next(batches))
+            report_progress(step)
+            is_last = step == end_step
+            if step % config.log_every_steps == 0 or is_last:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.time()
+                steps_per_sec = (step - last_log_step) / (now - last_log_time)
+                metrics["images_per_sec"] = steps_per_sec * global_batch_size
+                metrics["epoch"] = step / steps_per_epoch
+                last_log_time, last_log_step = now, step
+                writer.write_scalars(step, metrics)
+                history.append((step, metrics["loss"]))
+                logging.info(
+                    "%s step %d/%d | loss %.4f | NN acc %.3f | queue %.0f%% | %.0f images/s",
+                    stage_name,
+                    step,
+                    total_steps,
+                    metrics["loss"],
+                    metrics["nn_accuracy"],
+                    100 * metrics["queue_fill"],
+                    metrics["images_per_sec"],
+                )
+                if not np.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}.")
+            checkpointer.save(
+                step,
+                state,
+                train_cmae.data_position(config, step, steps_per_epoch),
+                force=is_last,
+            )
+        checkpointer.wait()
+
+        # ------------------------------------------------------------ Evaluation
+        results: dict[str, Any] = {"history": history}
+        if config.eval.knn and end_step == total_steps:
+            results["knn_top1"] = train_cmae.evaluate_knn(
+                model, state.params, config, batch_sharding
+            )
+            writer.write_scalars(total_steps, {"knn_top1": results["knn_top1"]})
+    checkpointer.close()
+    writer.flush()
+    results["complete"] = end_step == total_steps
+    return results
+
+
+# -------------------------------------------------------------------- The staged recipe
+
+
+def first_stage(config: ml_collections.ConfigDict) -> str:
+    """The stage a run starts with: the last one with an `init_from`, else 1_mae."""
+    for name in reversed(STAGES[1:]):
+        if config.stages[STAGE_SECTIONS[name]].init_from:
+            return name
+    return STAGES[0]
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at: tuple[str, int] | None = None,
+) -> dict[str, Any]:
+    """Runs the stages from `first_stage` on in WORKDIR/1_mae, 2_head, 3_tune; returns
+    {'stages': {name: {'knn_top1': ...}}}, also kept in WORKDIR/results.json.
+
+    Finished stages (listed in results.json) are skipped, an interrupted one resumes.
+    `stop_at=(stage, step)` stops that stage after its checkpoint at `step`, as a
+    preemption would.
+    """
+    is_chief = jax.process_index() == 0
+    summary_path = os.path.join(workdir, "results.json")
+    summary: dict[str, Any] = {"stages": {}}
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+    if is_chief:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    start = STAGES.index(first_stage(config))
+    for index in range(start, len(STAGES)):
+        name = STAGES[index]
+        stage_dir = os.path.join(workdir, name)
+        done = summary["stages"].get(name)
+        if done is None or not os.path.isdir(stage_dir):
+            stop_at_step = stop_at[1] if stop_at is not None and stop_at[0] == name else None
+            start_time = time.time()
+            if name == STAGES[0]:
+                results = train_cmae.train_and_evaluate(
+                    stage_config(config, name), stage_dir, stop_at_step=stop_at_step
+                )
+                complete = stop_at_step is None
+            else:
+                section = config.stages[STAGE_SECTIONS[name]]
+                # The first stage run starts where its init_from points, later ones from
+                # the stage before.
+                init_from = (
+                    section.init_from
+                    if index == start
+                    else os.path.join(workdir, STAGES[index - 1])
+                )
+                results = train_stage(
+                    config, name, stage_dir, init_from=init_from, stop_at_step=stop_at_step
+                )
+                complete = results["complete"]
+            if not complete:
+                logging.info("Stopped in stage %s as asked; rerun to resume.", name)
+                break
+            done = {"seconds": round(time.time() - start_time, 1)}
+            if "knn_top1" in results:
+                done["knn_top1"] = results["knn_top1"]
+            summary["stages"][name] = done
+            if is_chief:
+                with open(summary_path, "w") as f:
+                    json.dump(summary, f, indent=2)
+        if "knn_top1" in done:
+            # The command line's result line, once per stage.
+            print(f"Stage {name}:", flush=True)
+            print(f"k-NN top-1: {100 * done['knn_top1']:.2f}%", flush=True)
+    return summary

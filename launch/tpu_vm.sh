@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Cloud TPU VM life cycle for cmae_jax with gcloud: create the slice (directly or as a
+# queued resource), install this repository on every worker, train on all workers at once,
+# follow the log, stop or delete. Every step prints the gcloud commands before running them;
+# --dry_run prints only.
+#
+# Usage (from the repository root; NAME, ZONE and, for create, TYPE are always required):
+#   bash launch/tpu_vm.sh create  --name=NAME --zone=ZONE --type=v5litepod-64 [--queued] [--spot]
+#                                 [--version=RUNTIME] [--project=PROJECT]
+#   bash launch/tpu_vm.sh install --name=NAME --zone=ZONE
+#   bash launch/tpu_vm.sh train   --name=NAME --zone=ZONE --config=configs/cmae_vitl.py \
+#                                 --workdir=gs://BUCKET/cmae_vitl [-- --config.key=value ...]
+#   bash launch/tpu_vm.sh logs    --name=NAME --zone=ZONE
+#   bash launch/tpu_vm.sh stop    --name=NAME --zone=ZONE      (keeps the disks; `start` resumes)
+#   bash launch/tpu_vm.sh delete  --name=NAME --zone=ZONE [--queued]
+# train starts in the background on every worker (log: ~/cmae_train.log on each); running
+# it again after a preemption resumes from the newest checkpoint in the workdir.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+ACTION="${1:-}"
+[ $# -gt 0 ] && shift
+NAME="" ZONE="" TYPE="" VERSION="" PROJECT="" CONFIG="" WORKDIR="" QUEUED=0 SPOT=0 DRY_RUN=0
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --name=*) NAME="${1#*=}" ;;
+    --zone=*) ZONE="${1#*=}" ;;
+    --type=*) TYPE="${1#*=}" ;;
+    --version=*) VERSION="${1#*=}" ;;
+    --project=*) PROJECT="${1#*=}" ;;
+    --config=*) CONFIG="${1#*=}" ;;
+    --workdir=*) WORKDIR="${1#*=}" ;;
+    --queued) QUEUED=1 ;;
+    --spot) SPOT=1 ;;
+    --dry_run) DRY_RUN=1 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "Unknown argument: $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+
+require() {
+  local missing=() flag
+  for flag in "$@"; do
+    local var="${flag#--}"; var="${var^^}"
+    [ -n "${!var}" ] || missing+=("$flag")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "$ACTION needs: ${missing[*]}" >&2; usage >&2; exit 2
+  fi
+}
+
+# Prints a command, then runs it unless --dry_run.
+run() {
+  echo "+ $(printf '%q ' "$@")"
+  if [ "$DRY_RUN" = 0 ]; then "$@"; fi
+}
+
+PROJECT_FLAG=()
+[ -n "$PROJECT" ] && PROJECT_FLAG=(--project="$PROJECT")
+TPU=(gcloud compute tpus tpu-vm)
+QR=(gcloud compute tpus queued-resources)
+REPO_DIR="cmae_jax"  # on every worker, in the home directory
+JAX_VERSION="$(sed -n 's/^jax==//p' requirements.txt)"
+
+case "$ACTION" in
+  create)
+    require --name --zone --type
+    if [ -z "$VERSION" ]; then
+      # The TPU software image that goes with each generation.
+      case "$TYPE" in
+        v4-*) VERSION="tpu-ubuntu2204-base" ;;
+        v5litepod-*|v5e-*) VERSION="v2-alpha-tpuv5-lite" ;;
+        v5p-*) VERSION="v2-alpha-tpuv5" ;;
+        v6e-*) VERSION="v2-alpha-tpuv6e" ;;
+        *) echo "No default --version for --type=$TYPE; pass --version=RUNTIME" >&2; exit 2 ;;
+      esac
+    fi
+    SPOT_FLAG=()
+    [ "$SPOT" = 1 ] && SPOT_FLAG=(--spot)
+    echo "Creating TPU $NAME ($TYPE, runtime $VERSION) in $ZONE$([ "$QUEUED" = 1 ] && echo ' as a queued resource')."
+    if [ "$QUEUED" = 1 ]; then
+      run "${QR[@]}" create "$NAME" --node-id="$NAME" --zone="$ZONE" \
+        --accelerator-type="$TYPE" --runtime-version="$VERSION" "${SPOT_FLAG[@]}" "${PROJECT_FLAG[@]}"
+      echo "The slice exists once this shows ACTIVE:"
+      run "${QR[@]}" describe "$NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}"
+    else
+      run "${TPU[@]}" create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" \
+        --version="$VERSION" "${SPOT_FLAG[@]}" "${PROJECT_FLAG[@]}"
+    fi
+    ;;
+  install)
+    require --name --zone
+    echo "Copying this repository to ~/$REPO_DIR on every worker of $NAME and installing"
+    echo "jax[tpu]==$JAX_VERSION, the requirements and the package there."
+    ARCHIVE="$(mktemp -d)/cmae_jax.tar.gz"
+    run tar czf "$ARCHIVE" --exclude=.git --exclude=workdirs --exclude='*.egg-info' .
+    run "${TPU[@]}" scp "$ARCHIVE" "$NAME:~/" --zone="$ZONE" --worker=all "${PROJECT_FLAG[@]}"
+    run "${TPU[@]}" ssh "$NAME" --zone="$ZONE" --worker=all "${PROJECT_FLAG[@]}" --command="\
+mkdir -p ~/$REPO_DIR && tar xzf ~/cmae_jax.tar.gz -C ~/$REPO_DIR && cd ~/$REPO_DIR && \
+python3 -m pip install -q 'jax[tpu]==$JAX_VERSION' && \
+python3 -m pip install -q -r requirements.txt && python3 -m pip install -q --no-deps -e ."
+    ;;
+  train)
+    require --name --zone --config --workdir
+    case "$WORKDIR" in
+      gs://*) ;;
+      *) echo "--workdir must be a gs:// folder: every worker writes its part of the checkpoints there." >&2; exit 2 ;;
+    esac
+    ARGS="$(printf '%q ' "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA[@]}")"
+    echo "Training on every worker of $NAME: python3 -m cmae_jax.main $ARGS"
+    echo "(jax.distributed finds the other workers by itself on a TPU VM.)"
+    run "${TPU[@]}" ssh "$NAME" --zone="$ZONE" --worker=all "${PROJECT_FLAG[@]}" --command="\
+cd ~/$REPO_DIR && setsid nohup python3 -m cmae_jax.main $ARGS > ~/cmae_train.log 2>&1 < /dev/null &"
+    echo "Follow it with: bash launch/tpu_vm.sh logs --name=$NAME --zone=$ZONE"
+    ;;
+  logs)
+    require --name --zone
+    run "${TPU[@]}" ssh "$NAME" --zone="$ZONE" --worker=0 "${PROJECT_FLAG[@]}" \
+      --command="tail -n 50 -f ~/cmae_train.log"
+    ;;
+  stop|start)
+    require --name --zone
+    echo "TPU $NAME in $ZONE: $ACTION."
+    run "${TPU[@]}" "$ACTION" "$NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}"
+    ;;
+  delete)
+    require --name --zone
+    echo "Deleting TPU $NAME in $ZONE$([ "$QUEUED" = 1 ] && echo ' and its queued resource')."
+    if [ "$QUEUED" = 1 ]; then
+      run "${QR[@]}" delete "$NAME" --zone="$ZONE" --force --quiet "${PROJECT_FLAG[@]}"
+    else
+      run "${TPU[@]}" delete "$NAME" --zone="$ZONE" --quiet "${PROJECT_FLAG[@]}"
+    fi
+    ;;
+  ""|-h|--help) usage; [ -n "$ACTION" ] && exit 0; exit 2 ;;
+  *) echo "Unknown action: $ACTION" >&2; usage >&2; exit 2 ;;
+esac

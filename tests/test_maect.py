@@ -1,0 +1,490 @@
+"""MAE-CT: the queue, the NN lookup, the loss, frozen parameters, lr multipliers, the EMA
+projector, the stage hand-off and a tiny staged run end to end."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
+
+from cmae_jax import config_validation, nnclr, param_groups, train_maect
+from cmae_jax.config_defaults import maect_config
+from cmae_jax.data import pipeline, sources
+from cmae_jax.models import maect as maect_model
+
+# ---------------------------------------------------------------------- Queue
+
+
+def numpy_enqueue(queue, ptr, batch):
+    """Reference FIFO: row b of the batch goes to (ptr + b) mod Q."""
+    queue = queue.copy()
+    for b, row in enumerate(batch):
+        queue[(ptr + b) % len(queue)] = row
+    return queue, (ptr + len(batch)) % len(queue)
+
+
+def test_enqueue_is_fifo_with_wrap_around():
+    rng = np.random.default_rng(0)
+    queue = nnclr.init_queue(10, 4)
+    expected, ptr = np.zeros((10, 4), np.float32), 0
+    enqueue = jax.jit(nnclr.enqueue)
+    for step in range(5):  # 5 batches of 3 into 10 rows: wraps during the 4th
+        keys = rng.normal(size=(3, 4)).astype(np.float32)
+        queue = enqueue(queue, keys, jnp.full(3, step), jnp.arange(3) + 3 * step)
+        expected, ptr = numpy_enqueue(expected, ptr, keys)
+        np.testing.assert_array_equal(queue.keys, expected)
+        assert int(queue.ptr) == ptr and int(queue.count) == min(3 * (step + 1), 10)
+    # The 4th batch (ids 9-11) wrapped to rows 9, 0, 1; the 5th (12-14) went to rows 2-4.
+    np.testing.assert_array_equal(queue.ids, [10, 11, 12, 13, 14, 5, 6, 7, 8, 9])
+    np.testing.assert_array_equal(queue.labels, [3, 3, 4, 4, 4, 1, 2, 2, 2, 3])
+    with pytest.raises(ValueError, match="queue_size"):
+        nnclr.enqueue(nnclr.init_queue(2, 4), jnp.zeros((3, 4)), jnp.zeros(3), jnp.zeros(3))
+
+
+EIGHT_DEVICE_QUEUE = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, ml_collections, numpy as np
+from cmae_jax import nnclr, sharding
+assert jax.device_count() == 8
+mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+enqueue = jax.jit(nnclr.enqueue, in_shardings=(replicated, rows, rows, rows),
+                  out_shardings=replicated)
+lookup = jax.jit(lambda q, k, i, r: nnclr.nearest_neighbours(q, k, i, r, 1),
+                 in_shardings=(replicated, rows, rows, None), out_shardings=rows)
+queue = jax.device_put(nnclr.init_queue(40, 4), replicated)
+rng = np.random.default_rng(0)
+out = {}
+for step in range(4):  # 4 global batches of 16 (2 rows per device) into 40 rows
+    keys = rng.normal(size=(16, 4)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    ids = np.arange(16, dtype=np.int32) + 16 * step
+    args = [jax.device_put(x, rows) for x in (keys, ids, ids)]
+    nn_out, nn_rows, found = lookup(queue, args[0], args[2], jax.random.key(step))
+    out[f"rows_{step}"], out[f"found_{step}"] = np.asarray(nn_rows), np.asarray(found)
+    queue = enqueue(queue, *args)
+    out[f"keys_{step}"] = keys
+out["queue"], out["ids"] = np.asarray(queue.keys), np.asarray(queue.ids)
+np.savez(os.environ["OUT"], **out)
+"""
+
+
+def test_queue_and_lookup_of_a_global_batch_on_eight_devices(tmp_path):
+    path = str(tmp_path / "queue.npz")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"OUT": path}
+    out = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICE_QUEUE], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = dict(np.load(path))
+    expected, ptr = np.zeros((40, 4), np.float32), 0
+    for step in range(4):
+        keys = got[f"keys_{step}"]
+        # The lookup saw the queue before this step's keys: k = 1 is the NumPy argmax over
+        # the rows written so far (ids differ from all queries, so nothing is excluded).
+        written = min(16 * step, 40)
+        assert (got[f"found_{step}"] == (step > 0)).all()
+        if step:
+            np.testing.assert_array_equal(
+                got[f"rows_{step}"], np.argmax(keys @ expected[:written].T, axis=1)
+            )
+        expected, ptr = numpy_enqueue(expected, ptr, keys)
+    # Every device's rows went in, in global batch order, the 4th batch wrapping around.
+    np.testing.assert_array_equal(got["queue"], expected)
+    expected_ids = [*range(40, 48), *range(48, 64), *range(24, 40)]
+    np.testing.assert_array_equal(got["ids"], expected_ids)
+
+
+# ---------------------------------------------------------------------- NN lookup
+
+
+def filled_queue(rng, size=12, dim=6, count=10):
+    keys = rng.normal(size=(size, dim)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    keys[count:] = 0.0
+    ids = np.where(np.arange(size) < count, np.arange(size) + 100, -1).astype(np.int32)
+    queue = nnclr.Queue(
+        keys=jnp.asarray(keys),
+        labels=jnp.asarray(np.arange(size) % 3, jnp.int32),
+        ids=jnp.asarray(ids),
+        ptr=jnp.asarray(count % size, jnp.int32),
+        count=jnp.asarray(count, jnp.int32),
+    )
+    return queue, keys, ids
+
+
+def test_top1_lookup_excludes_own_entry_and_empty_rows():
+    rng = np.random.default_rng(1)
+    queue, keys, ids = filled_queue(rng)
+    queries = keys[[3, 5, 7, 0]] + 0.05 * rng.normal(size=(4, 6)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    # Queries 0 and 1 are the examples of rows 3 and 5 (their own entries), 2 and 3 are not.
+    query_ids = np.array([103, 105, 999, 998], np.int32)
+    _, rows, found = nnclr.nearest_neighbours(
+        queue, jnp.asarray(queries), jnp.asarray(query_ids), jax.random.key(0), k=1
+    )
+    sims = queries @ keys.T
+    sims[:, 10:] = -np.inf  # never written
+    sims[ids[None, :] == query_ids[:, None]] = -np.inf  # own entries
+    np.testing.assert_array_equal(rows, np.argmax(sims, axis=1))
+    assert found.all()
+    assert rows[0] != 3 and rows[1] != 5 and rows[2] == 7 and rows[3] == 0
+
+
+def test_topk_pick_is_uniform_over_the_numpy_top_k():
+    rng = np.random.default_rng(2)
+    queue, keys, ids = filled_queue(rng, size=40, count=33)
+    queries = rng.normal(size=(2, 6)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    query_ids = np.array([ids[0], 7], np.int32)  # query 0 owns row 0
+    sims = queries @ keys[:33].T
+    sims[0, 0] = -np.inf
+    top5 = np.argsort(-sims, axis=1)[:, :5]
+    lookup = jax.jit(lambda r: nnclr.nearest_neighbours(queue, queries, query_ids, r, k=5))
+    picks = np.stack([np.asarray(lookup(jax.random.key(s))[1]) for s in range(200)])
+    for q in range(2):
+        assert set(picks[:, q]) == set(top5[q])  # only the top 5, and each of them
+        counts = np.bincount(picks[:, q], minlength=40)[top5[q]]
+        assert counts.min() > 20  # 200 draws over 5: about 40 each
+    neighbours, rows, _ = lookup(jax.random.key(0))
+    np.testing.assert_array_equal(neighbours, keys[np.asarray(rows)])
+
+
+def test_lookup_with_few_or_no_candidates():
+    rng = np.random.default_rng(3)
+    queue, keys, _ = filled_queue(rng, count=3)
+    queries = jnp.asarray(keys[:2])
+    # Three written rows, one of them the first query's own: 2 and 3 candidates (< k).
+    picks = set()
+    for s in range(40):
+        _, rows, found = nnclr.nearest_neighbours(
+            queue, queries, jnp.asarray([100, 555]), jax.random.key(s), k=5
+        )
+        assert found.all() and int(rows[0]) in (1, 2) and int(rows[1]) in (0, 1, 2)
+        picks.add(int(rows[0]))
+    assert picks == {1, 2}
+    empty = nnclr.init_queue(12, 6)
+    neighbours, _, found = nnclr.nearest_neighbours(
+        empty, queries, jnp.asarray([1, 2]), jax.random.key(0), k=5
+    )
+    assert not found.any()
+    np.testing.assert_array_equal(neighbours, queries)  # the first step: own key
+
+
+# ---------------------------------------------------------------------- Loss
+
+
+def numpy_nnclr(nn, pred, temperature):
+    nn = nn / np.linalg.norm(nn, axis=1, keepdims=True)
+    pred = pred / np.linalg.norm(pred, axis=1, keepdims=True)
+    logits = nn @ pred.T / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return -np.mean(np.diag(log_probs))
+
+
+def test_nnclr_loss_matches_numpy():
+    rng = np.random.default_rng(4)
+    nn0, nn1, p0, p1 = (rng.normal(size=(8, 5)).astype(np.float32) for _ in range(4))
+    loss = nnclr.nnclr_loss(jnp.asarray(nn0), jnp.asarray(p1), 0.15)
+    np.testing.assert_allclose(loss, numpy_nnclr(nn0, p1, 0.15), rtol=1e-5)
+    sym = nnclr.symmetric_nnclr_loss((nn0, nn1), (p0, p1), 0.3)
+    expected = 0.5 * (numpy_nnclr(nn0, p1, 0.3) + numpy_nnclr(nn1, p0, 0.3))
+    np.testing.assert_allclose(sym, expected, rtol=1e-5)
+    # Gradient only through the predictions.
+    grad_nn, grad_p = jax.grad(nnclr.nnclr_loss, argnums=(0, 1))(nn0, p1, 0.15)
+    assert not np.any(grad_nn) and np.any(grad_p)
+
+
+# ---------------------------------------------------------------------- Param groups
+
+
+def abstract_params(depth=4):
+    model = maect_model.MAECT(
+        width=16,
+        depth=depth,
+        num_heads=2,
+        mlp_dim=32,
+        patch_size=4,
+        projector_hidden=8,
+        predictor_hidden=8,
+        projection_dim=4,
+    )
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), train=False)
+    )
+    return model, flat_arrays_keys(shapes["params"])
+
+
+def flat_arrays_keys(tree):
+    return {
+        tuple(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def test_lr_multiplier_of_every_layer():
+    _, flat = abstract_params(depth=4)
+    for keys in flat:
+        got = param_groups.lr_multiplier(keys, depth=4, decay=0.65)
+        if keys[0] != "encoder" or keys[1] == "norm":
+            expected = 1.0  # final norm and heads: layer depth + 1
+        elif keys[1] in ("embedding", "cls"):
+            expected = 0.65**5  # stem: layer 0
+        else:
+            i = int(keys[1].split("_")[1]) + 1  # block i, 1-based
+            expected = 0.65 ** (4 + 1 - i)
+        assert got == pytest.approx(expected), keys
+    # The optimiser transform multiplies each update by exactly that.
+    params = {"encoder": {"block_3": {"w": jnp.ones(2)}, "cls": jnp.ones(2)}, "head": jnp.ones(2)}
+    tx = param_groups.scale_by_layer_decay(depth=4, decay=0.65)
+    updates, _ = tx.update(params, tx.init(params))
+    np.testing.assert_allclose(updates["encoder"]["block_3"]["w"], 0.65)
+    np.testing.assert_allclose(updates["encoder"]["cls"], 0.65**5, rtol=1e-6)
+    np.testing.assert_allclose(updates["head"], 1.0)
+
+
+def test_frozen_split_of_stage_three_and_stage_two():
+    _, flat = abstract_params(depth=4)
+    params = {}
+    for keys, leaf in flat.items():
+        node = params
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = leaf
+    trainable, frozen = param_groups.split(params, freeze_encoder=False, frozen_blocks=2)
+    assert set(frozen) == {"encoder"}
+    assert set(frozen["encoder"]) == {"embedding", "cls", "block_0", "block_1"}
+    assert set(trainable["encoder"]) == {"block_2", "block_3", "norm"}
+    assert set(trainable) == {"encoder", "projector", "predictor"}
+    assert_trees_equal(param_groups.merge(trainable, frozen), params)
+    trainable, frozen = param_groups.split(params, freeze_encoder=True, frozen_blocks=0)
+    assert set(trainable) == {"projector", "predictor"} and set(frozen) == {"encoder"}
+
+
+# ---------------------------------------------------------------------- Views
+
+
+def test_two_crop_views():
+    import tensorflow as tf
+
+    from cmae_jax.config_defaults import fashion_mnist_config
+    from cmae_jax.data import views
+
+    config = maect_config(fashion_mnist_config("mae"), "B")
+    inp = train_maect.stage_config(config, "3_tune").input
+    image = tf.constant(np.random.default_rng(5).integers(0, 256, (28, 28, 1)), tf.uint8)
+    seed = tf.constant([3, 4], tf.int64)
+    first, second = views.two_crop_views(image, seed, inp)
+    assert first.shape == second.shape == (32, 32, 1)
+    assert not np.allclose(first, second)  # independent crops
+    again = views.two_crop_views(image, seed, inp)
+    np.testing.assert_array_equal(first, again[0])  # a pure function of the seed
+    # Each view is the plain RandomResizedCrop + flip view of its own sub-seed.
+    np.testing.assert_array_equal(
+        first, views.online_view(image, tf.random.experimental.stateless_fold_in(seed, 4), inp)
+    )
+    with inp.unlocked():
+        inp.views = "two_crops_aug"
+    augmented = views.two_crop_views(image, seed, inp)
+    assert not np.allclose(augmented[0], first)  # blur p 1.0 on the first view
+    pixels = np.linspace(0, 1, 11, dtype=np.float32)
+    np.testing.assert_allclose(
+        views.solarize(tf.constant(pixels)), np.where(pixels < 128 / 255, pixels, 1 - pixels)
+    )
+
+
+# ---------------------------------------------------------------------- Staged run
+
+
+def tiny_maect_config(idx_dir):
+    """Three tiny stages: MAE 3 steps, head 4 steps, tuning 4 steps, batch 32, queue 80."""
+    config = maect_config(tiny_config(idx_dir, method="mae", total_steps=3), "B")
+    config.maect.projector_hidden = 32
+    config.maect.predictor_hidden = 32
+    config.maect.projection_dim = 16
+    config.maect.queue_size = 80  # 32-example batches wrap around in the 3rd step
+    config.maect.topk = 5
+    config.stages.tune.frozen_blocks = 1  # depth 2: stem and block_0 frozen
+    for stage in (config.stages.head, config.stages.tune):
+        stage.input.global_batch_size = 32
+        stage.total_steps = 4
+    config.checkpoint_every_steps = 1
+    config.eval.knn = True
+    return config
+
+
+@pytest.fixture(scope="module")
+def staged_run(small_fashion_mnist, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("maect"))
+    config = tiny_maect_config(small_fashion_mnist)
+    config_validation.validate(config, num_devices=jax.device_count())
+    summary = train_maect.train_and_evaluate(config, workdir)
+    return config, workdir, summary
+
+
+def test_staged_run_end_to_end(staged_run, capfd):
+    config, workdir, summary = staged_run
+    assert list(summary["stages"]) == ["1_mae", "2_head", "3_tune"]
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f) == summary
+    for name in summary["stages"]:
+        assert 0.1 < summary["stages"][name]["knn_top1"] <= 1.0
+        assert os.path.isdir(os.path.join(workdir, name, "checkpoints"))
+    # Stage 2 leaves the encoder as stage 1 made it, so its k-NN is stage 1's.
+    assert summary["stages"]["2_head"]["knn_top1"] == summary["stages"]["1_mae"]["knn_top1"]
+    # A rerun finds every stage done: it trains nothing and prints the three results.
+    capfd.readouterr()
+    assert train_maect.train_and_evaluate(config, workdir) == summary
+    lines = re.findall(r"^k-NN top-1: (\d+\.\d\d)%$", capfd.readouterr().out, re.M)
+    assert lines == [f"{100 * s['knn_top1']:.2f}" for s in summary["stages"].values()]
+
+
+def test_frozen_parameters_stay_bit_identical(staged_run):
+    _, workdir, _ = staged_run
+    mae, _ = restore_raw(os.path.join(workdir, "1_mae"), 3)
+    head, _ = restore_raw(os.path.join(workdir, "2_head"), 4)
+    tune, _ = restore_raw(os.path.join(workdir, "3_tune"), 4)
+    # Stage 2: the whole encoder is stage 1's, bit for bit (this is also the hand-off).
+    assert_trees_equal(head["params"]["encoder"], mae["params"]["encoder"])
+    # Stage 3: stem and block_0 frozen, block_1 and the final norm trained.
+    for key in ("embedding", "cls", "block_0"):
+        assert_trees_equal(tune["params"]["encoder"][key], mae["params"]["encoder"][key])
+    for key in ("block_1", "norm"):
+        moved = flat_arrays(tune["params"]["encoder"][key])
+        before = flat_arrays(mae["params"]["encoder"][key])
+        assert any(not np.array_equal(moved[k], before[k]) for k in moved), key
+    # No optimiser state at all for frozen parameters.
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tune)]
+    opt_paths = [p for p in paths if p.startswith("['opt_state']")]
+    assert opt_paths and not any(
+        f"'{key}'" in p for p in opt_paths for key in ("embedding", "cls", "block_0")
+    )
+    assert any("'block_1'" in p for p in opt_paths)
+    head_paths = jax.tree_util.tree_leaves_with_path(head["opt_state"])
+    assert head_paths and not any("'encoder'" in jax.tree_util.keystr(p) for p, _ in head_paths)
+
+
+def test_projector_ema(staged_run):
+    config, workdir, _ = staged_run
+    m = config.stages.tune.ema_momentum
+    before, _ = restore_raw(os.path.join(workdir, "3_tune"), 3)
+    after, _ = restore_raw(os.path.join(workdir, "3_tune"), 4)
+    target = lambda state: flat_arrays(state["opt_state"][1]["target"]["projector"])
+    online = flat_arrays(after["params"]["projector"])
+    old, new = target(before), target(after)
+    assert sorted(new) == sorted(online)
+    for key, value in new.items():
+        np.testing.assert_allclose(
+            value, m * old[key] + (1 - m) * online[key], rtol=1e-6, atol=1e-10
+        )
+        assert not np.array_equal(value, online[key])
+    # Stage 2 (momentum 0, as the official code) keeps no EMA copy at all.
+    head, _ = restore_raw(os.path.join(workdir, "2_head"), 4)
+    assert "target" not in json.dumps(str(head["opt_state"]))
+
+
+def test_queue_holds_the_last_global_batches_in_order(staged_run, small_fashion_mnist):
+    config, workdir, _ = staged_run
+    head, _ = restore_raw(os.path.join(workdir, "2_head"), 4)
+    stage_config = train_maect.stage_config(config, "2_head")
+    source = sources.make_source(stage_config.dataset, "train")
+    stream = pipeline.train_dataset(stage_config, source, start_step=0).as_numpy_iterator()
+    expected, ptr = np.full((80, 1), -1), 0
+    for _ in range(4):  # 4 steps of 32 into 80 rows: steps 3 and 4 wrap around
+        batch = next(stream)
+        expected, ptr = numpy_enqueue(expected, ptr, batch["index"][:, None])
+    queue = head["queue"]
+    np.testing.assert_array_equal(queue["ids"], expected[:, 0])
+    assert int(queue["ptr"]) == ptr == (4 * 32) % 80 and int(queue["count"]) == 80
+    np.testing.assert_allclose(np.linalg.norm(queue["keys"], axis=1), 1.0, rtol=1e-5)
+
+
+def test_hand_off_loads_encoder_and_heads_exactly(staged_run):
+    config, workdir, _ = staged_run
+    stage_config = train_maect.stage_config(config, "3_tune")
+    model = maect_model.build_model(stage_config.model, stage_config.input, stage_config.maect)
+    shapes = jax.eval_shape(
+        lambda: nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((2, 16, 16, 1)), False))
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    init = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+    abstract = train_maect.MaectState(
+        step=None,
+        params=init["params"],
+        batch_stats=init["batch_stats"],
+        opt_state=None,
+        queue=None,
+    )
+    params, batch_stats = train_maect.load_pretrained(os.path.join(workdir, "2_head"), abstract)
+    head, _ = restore_raw(os.path.join(workdir, "2_head"), 4)
+    assert sorted(params) == ["encoder", "predictor", "projector"]
+    assert_trees_equal(params, head["params"])
+    assert_trees_equal(batch_stats, head["batch_stats"])
+    # From a MAE checkpoint (a step folder here): the encoder only.
+    params, batch_stats = train_maect.load_pretrained(
+        os.path.join(workdir, "1_mae", "checkpoints", "3"), abstract
+    )
+    mae, _ = restore_raw(os.path.join(workdir, "1_mae"), 3)
+    assert sorted(params) == ["encoder"] and batch_stats == {}
+    assert_trees_equal(params["encoder"], mae["params"]["encoder"])
+
+
+def test_stage_resumes_exactly(staged_run, tmp_path):
+    config, workdir, _ = staged_run
+    config = config.copy_and_resolve_references()
+    config.eval.knn = False  # the k-NN is checked elsewhere; here only the state counts
+    resumed = str(tmp_path / "3_tune")
+    init_from = os.path.join(workdir, "2_head")
+    first = train_maect.train_stage(config, "3_tune", resumed, init_from=init_from, stop_at_step=2)
+    assert not first["complete"] and [s for s, _ in first["history"]] == [1, 2]
+    # The restart finds its own step-2 checkpoint (init_from is not used again).
+    second = train_maect.train_stage(config, "3_tune", resumed, init_from="/nonexistent")
+    assert second["complete"] and [s for s, _ in second["history"]] == [3, 4]
+    state, _ = restore_raw(resumed, 4)
+    reference, _ = restore_raw(os.path.join(workdir, "3_tune"), 4)
+    assert_trees_equal(state, reference)
+
+
+def test_maect_config_errors(small_fashion_mnist, tmp_path):
+    config = tiny_maect_config(small_fashion_mnist)
+    config.stages.head.init_from = str(tmp_path)
+    with pytest.raises(config_validation.ConfigError, match="stages.head.init_from"):
+        config_validation.validate(config, num_devices=1)
+    config = tiny_maect_config(small_fashion_mnist)
+    config.maect.queue_size = 16
+    with pytest.raises(config_validation.ConfigError, match="queue_size=16"):
+        config_validation.validate(config, num_devices=1)
+    config = tiny_maect_config(small_fashion_mnist)
+    config.stages.tune.frozen_blocks = 3
+    with pytest.raises(config_validation.ConfigError, match="frozen_blocks=3"):
+        config_validation.validate(config, num_devices=1)
+
+
+def test_shipped_maect_configs_validate():
+    import importlib
+
+    sys.path.insert(0, REPO)
+    for name, pooling, tau, momentum, frozen in (
+        ("maect_vitb", "mean", 0.15, 0.99, 6),
+        ("maect_vitl", "cls", 0.2, 0.99, 12),
+        ("maect_vith", "cls", 0.3, 0.995, 16),
+    ):
+        config = importlib.import_module(f"configs.{name}").get_config()
+        config_validation.validate(config, num_devices=8, check_data=False)
+        tune = config.stages.tune
+        assert (config.maect.pooling, tune.temperature, tune.ema_momentum) == (
+            pooling,
+            tau,
+            momentum,
+        )
+        assert tune.frozen_blocks == frozen and tune.layer_decay == 0.65
+        assert config.stages.head.freeze_encoder and config.stages.head.ema_momentum == 0.0
