@@ -29,25 +29,9 @@ Departures from the ImageNet recipe (configs/maect_vitb.py), all for size and ti
   * crops: scale 0.2-1.0 instead of 0.08-1.0 (an 8% crop of a 28 px image is 8 px).
 """
 
-from cmae_jax.config_defaults import fashion_mnist_config, maect_config
+from cmae_jax.config_defaults import fashion_mnist_maect_config
 
 
 def get_config():
     """Fashion-MNIST MAE-CT config (stage 1 = the Fashion-MNIST MAE demo)."""
-    config = maect_config(fashion_mnist_config("mae"), "B")
-    config.maect.pooling = "cls"
-    config.eval.feature = "cls"
-    config.maect.projector_hidden = 512
-    config.maect.predictor_hidden = 1024
-    config.maect.projection_dim = 128
-    config.maect.queue_size = 4096
-    for stage in (config.stages.head, config.stages.tune):
-        stage.input.global_batch_size = 256
-        stage.input.crop_scale = (0.2, 1.0)
-    config.stages.head.num_epochs = 1
-    config.stages.tune.num_epochs = 2
-    # Higher base lrs for a schedule of a few hundred steps (as the MAE demo's 1e-3).
-    config.stages.head.head_optimizer.base_lr = 5e-4
-    config.stages.tune.head_optimizer.base_lr = 5e-4
-    config.stages.tune.optimizer.base_lr = 2.5e-4
-    return config
+    return fashion_mnist_maect_config()

@@ -175,6 +175,18 @@ def test_missing_idx_folder_error(tmp_path):
         assert "--config.dataset.allow_tfds_download=True" in message
 
 
+def test_fashion_mnist_origin(small_fashion_mnist, tmp_path):
+    cfg = make_config().dataset
+    cfg.idx_dir = small_fashion_mnist
+    assert sources.fashion_mnist_origin(cfg) == "idx"
+    cfg.idx_dir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="allow_tfds_download=True"):
+        sources.fashion_mnist_origin(cfg)
+    cfg.allow_tfds_download = True
+    assert sources.fashion_mnist_origin(cfg) == "tfds"
+    assert len(sources.FASHION_MNIST_CLASSES) == 10
+
+
 def test_unknown_dataset_name():
     cfg = make_config().dataset
     cfg.name = "imagenet"

@@ -57,6 +57,20 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
+# Fashion-MNIST's label names, in label order (zalandoresearch/fashion-mnist, README).
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
 _FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -633,6 +647,18 @@ def _fashion_mnist_available(idx_dir: str) -> str | None:
     return None
 
 
+def fashion_mnist_origin(dataset_cfg: Any) -> str:
+    """Where Fashion-MNIST is read from: 'idx' (config.dataset.idx_dir holds all four files)
+    or 'tfds' (a TFDS download, allowed by config.dataset.allow_tfds_download); raises the
+    error that names the fix when neither."""
+    missing = _fashion_mnist_available(dataset_cfg.idx_dir)
+    if missing is None:
+        return "idx"
+    if dataset_cfg.get("allow_tfds_download", False):
+        return "tfds"
+    raise _missing_fashion_mnist_error(missing, dataset_cfg.idx_dir)
+
+
 def _unknown_dataset_error(name: str) -> ValueError:
     return ValueError(
         f"Unknown dataset {name!r} (config.dataset.name); allowed values: {list(DATASET_NAMES)}"
@@ -643,12 +669,8 @@ def make_source(dataset_cfg: Any, split: str) -> Source:
     """Builds the random-access source for `split` as described by `config.dataset`."""
     name = dataset_cfg.name
     if name == "fashion_mnist":
-        idx_dir = dataset_cfg.idx_dir
-        missing = _fashion_mnist_available(idx_dir)
-        if missing is None:
-            return load_fashion_mnist(idx_dir, split)
-        if not dataset_cfg.get("allow_tfds_download", False):
-            raise _missing_fashion_mnist_error(missing, idx_dir)
+        if fashion_mnist_origin(dataset_cfg) == "idx":
+            return load_fashion_mnist(dataset_cfg.idx_dir, split)
         import tensorflow_datasets as tfds
 
         data = tfds.load(
@@ -683,9 +705,7 @@ def check_source_available(dataset_cfg: Any) -> None:
                     f"Fashion-MNIST has splits {sorted(_FASHION_MNIST_FILES)}, got {split!r} "
                     "(config.dataset.train_split / config.dataset.eval_split)"
                 )
-        missing = _fashion_mnist_available(dataset_cfg.idx_dir)
-        if missing is not None and not dataset_cfg.get("allow_tfds_download", False):
-            raise _missing_fashion_mnist_error(missing, dataset_cfg.idx_dir)
+        fashion_mnist_origin(dataset_cfg)
         return
     if name == "tfds":
         builder = _tfds_builder(dataset_cfg.tfds_name, dataset_cfg.get("data_dir", None))
