@@ -1,16 +1,22 @@
-"""Orbax checkpoints of the train state plus the input pipeline's position."""
+"""Orbax checkpoints of the train state plus the input pipeline's position, and loading
+parts of any run's checkpoint (e.g. its encoder) for another trainer or an evaluation."""
 
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 
 class Checkpointer:
     """Periodic saves under WORKDIR/checkpoints, keeping the newest `keep`, resumable."""
 
     def __init__(self, workdir: str, *, keep: int, save_every_steps: int):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        # orbax wants an absolute path; a cloud path (gs://...) already is one.
+        local = "://" not in workdir
+        self.directory = epath.Path(os.path.abspath(workdir) if local else workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -54,3 +60,113 @@ class Checkpointer:
         """Finishes pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# -------------------------------------------------------------------- Loading parts of a run
+
+
+def find_checkpoint(path: str) -> epath.Path:
+    """The `state` folder of the checkpoint `path` names.
+
+    `path` may be a workdir of any trainer here (its newest checkpoint; for a workdir of
+    stage sub-folders such as MAE-CT's 1_mae, 2_head, 3_tune, that of the last stage, in
+    name order, that has one), its checkpoints/ folder, or one step folder checkpoints/N.
+    """
+    root = epath.Path(path)
+    if (root / "state").exists():
+        return root / "state"
+    stage_folders = []
+    if root.is_dir():
+        stage_folders = sorted(
+            (c / "checkpoints" for c in root.iterdir() if c.is_dir()), reverse=True
+        )
+    for folder in (root / "checkpoints", root, *stage_folders):
+        if folder.is_dir():
+            steps = [int(c.name) for c in folder.iterdir() if c.name.isdigit()]
+            steps = [s for s in steps if (folder / str(s) / "state").exists()]
+            if steps:
+                return folder / str(max(steps)) / "state"
+    raise FileNotFoundError(
+        f"No checkpoint of this project at {path}: give a workdir (e.g. a MAE run or a MAE-CT "
+        "stage folder), its checkpoints/ folder or a step folder checkpoints/N."
+    )
+
+
+def run_folder(state_dir: epath.Path) -> epath.Path:
+    """The workdir that wrote the checkpoint whose `state` folder is `state_dir`."""
+    return state_dir.parent.parent.parent
+
+
+def saved_structure(state_dir: epath.Path) -> Any:
+    """The tree of array metadata (shapes, dtypes) a checkpoint's state holds; reads no data."""
+    return ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+
+
+def same_shapes(saved: Any, abstract: Any) -> bool:
+    """Whether two trees have the same structure and leaf shapes."""
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
+    try:
+        return shapes(saved) == shapes(abstract)
+    except (TypeError, ValueError):
+        return False
+
+
+def restore_parts(state_dir: epath.Path, item: Any) -> Any:
+    """Restores only the sub-trees `item` names (ShapeDtypeStructs with shardings), in place.
+
+    E.g. item={'params': {'encoder': abstract_encoder}} reads the encoder of any run here
+    straight into its target sharding, and nothing else.
+    """
+    return ocp.PyTreeCheckpointer().restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        ),
+    )
+
+
+def load_params(
+    path: str,
+    abstract_params: dict,
+    *,
+    required: tuple[str, ...] = ("encoder",),
+    optional: tuple[str, ...] = (),
+    abstract_batch_stats: dict | None = None,
+) -> tuple[dict, dict]:
+    """(params, batch_stats) of the checkpoint at `path` (see find_checkpoint), for a new run.
+
+    Restores params[key] for each `required` key (an error naming the shapes if the saved
+    one differs, e.g. another config.model) and for each `optional` key whose saved params
+    and BatchNorm statistics match `abstract_params` / `abstract_batch_stats`; nothing
+    else is read. Leaves land in the shardings of the abstract trees (ShapeDtypeStructs).
+    """
+    state_dir = find_checkpoint(path)
+    saved = saved_structure(state_dir)
+    saved_params, saved_stats = saved["params"], saved.get("batch_stats") or {}
+    abstract_batch_stats = abstract_batch_stats or {}
+    for key in required:
+        if not same_shapes(saved_params.get(key), abstract_params[key]):
+            described = abstract_params[key]
+            if key == "encoder":
+                blocks = sum(k.startswith("block_") for k in described)
+                described = f"{blocks} blocks, {described['cls'].shape[-1]} wide"
+            raise ValueError(
+                f"The {key} in {state_dir} has other shapes than the one config.model "
+                f"describes ({described}); use the config.model that checkpoint was trained "
+                "with."
+            )
+    matching = [
+        key
+        for key in optional
+        if same_shapes(saved_params.get(key), abstract_params.get(key))
+        and same_shapes(saved_stats.get(key), abstract_batch_stats.get(key))
+    ]
+    item = {"params": {k: abstract_params[k] for k in (*required, *matching)}}
+    stats_keys = [k for k in matching if k in abstract_batch_stats]
+    if stats_keys:
+        item["batch_stats"] = {k: abstract_batch_stats[k] for k in stats_keys}
+    restored = restore_parts(state_dir, item)
+    logging.info("Loaded %s from %s", ", ".join(item["params"]), state_dir)
+    return restored["params"], restored.get("batch_stats", {})

@@ -17,10 +17,13 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.dataset = ml_collections.ConfigDict()
-    config.dataset.name = "tfds"  # 'tfds' or 'fashion_mnist'
+    config.dataset.name = "tfds"  # 'tfds', 'imagefolder' or 'fashion_mnist'
     config.dataset.tfds_name = "imagenet2012"
     config.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
     config.dataset.idx_dir = "/usr/share/datasets/fashion-mnist"
+    # name='imagefolder': FOLDER/<split>/<class>/<image>.jpg|.jpeg|.png (local or gs://);
+    # train_split / eval_split name the split sub-folders (e.g. 'train', 'val').
+    config.dataset.folder = ml_collections.FieldReference(None, field_type=str)
     config.dataset.allow_tfds_download = False
     config.dataset.train_split = "train"
     config.dataset.eval_split = "validation"
@@ -53,6 +56,10 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.input.shuffle = True
     # Evaluation views: resize the shorter side to image_size / fraction, centre crop.
     config.input.eval_crop_fraction = 0.875
+    # tf.data: files read and decoded at once (0: 4 per core, at least 16) and the size of
+    # the pipeline's private thread pool (0: the cores this process may use).
+    config.input.parallel_reads = 0
+    config.input.threadpool_size = 0
 
     config.model = ml_collections.ConfigDict()
     config.model.variant = "B/16"
@@ -66,6 +73,12 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.model.projector_hidden = 1536
     config.model.projection_dim = 256
     config.model.dtype = "float32"  # 'bfloat16': bf16 compute, fp32 parameters.
+    # Memory levers. remat: 'none', 'full' (keep each block's input, recompute the rest in
+    # the backward pass) or 'save_dots' (keep the linear layers' outputs, recompute
+    # attention scores, norms, GELU). scan_layers: nn.scan over the blocks (parameters
+    # stacked along a 'layers' axis; compile time independent of depth).
+    config.model.remat = "none"
+    config.model.scan_layers = False
 
     config.loss = ml_collections.ConfigDict()
     config.loss.norm_pix = True
@@ -89,11 +102,22 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.total_steps = 0  # > 0 overrides num_epochs (handy for smoke runs)
 
     # Mesh over all devices: -1 takes what the other axes leave.
+    # FSDP: e.g. data=1, fsdp=-1; tensor parallelism: tensor=2..8 (divides the heads).
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # [logical name, mesh axes] pairs; 'batch' defaults to ('data', 'fsdp').
-    config.logical_axis_rules = [["batch", ["data", "fsdp"]]]
+    # Overrides of cmae_jax.sharding.DEFAULT_RULES: (logical name, mesh axes) pairs; a name
+    # listed here replaces its default, the others keep theirs. A tuple, so that it can be
+    # set on the command line, e.g. keeping every weight whole on each device:
+    #   --config.logical_axis_rules='(("embed", None), ("proj", None))'
+    config.logical_axis_rules = ()
+    # Each optimiser step's global batch is split into this many micro-batches, run one
+    # after another with gradients averaged: the memory of one micro-batch, the update of
+    # the whole batch. InfoNCE negatives and BatchNorm statistics are per micro-batch.
+    config.grad_accumulation_steps = 1
 
     config.log_every_steps = 100
+    # > 0: trace this many steps (after 10 warm-up steps) into WORKDIR/profile/process_<i>
+    # on every process (TensorBoard's profile tab).
+    config.profile_steps = 0
     config.image_every_steps = 5000
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
@@ -105,6 +129,12 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.eval.feature = "cls"  # 'cls' token or 'mean' of patch tokens (final norm)
     config.eval.batch_size = 1024
     config.eval.train_split = "train"  # the k-NN memory bank
+    # During pretraining: every this many steps (0: never) a k-NN of the encoder on
+    # knn_subset evenly strided examples of the train split (bank) and of the eval split
+    # (queries), 0 = the whole splits; logged as knn_top1_subset.
+    config.eval.every_steps = 0
+    config.eval.knn_subset = 10000
+    config.eval.knn_chunk_size = 1024  # queries per k-NN step (device memory ~ chunk x bank)
 
     return config
 
@@ -149,4 +179,224 @@ def fashion_mnist_config(method: str = "cmae") -> ml_collections.ConfigDict:
 
     config.eval.batch_size = 1000
     config.eval.feature = "cls"
+    return config
+
+
+def eval_config(protocols: tuple[str, ...] = ("knn",)) -> ml_collections.ConfigDict:
+    """Evaluation of a pretrained (or random, or no) encoder: method 'eval' (cmae_jax.evaluate).
+
+    Defaults: Fashion-MNIST and the demo encoder; with config.model_from_init the encoder
+    and the input geometry come from the evaluated run's own config.json.
+    """
+    config = fashion_mnist_config("mae")
+    config.method = "eval"
+    # A workdir, checkpoints/ folder or step folder of any run here (CMAE, MAE, MAE-CT or a
+    # MAE-CT stage folder); '' or 'random': a randomly initialised encoder; 'pixels': raw
+    # pixels (the normalised image flattened).
+    config.init = ""
+    config.model_from_init = True
+    # Any of 'knn', 'linear_probe', 'low_shot', 'clustering', 'finetune', 'pictures'.
+    config.protocols = protocols
+    config.log_every_steps = 100
+
+    # k-NN: config.eval.knn_k, knn_temperature, feature ('cls', 'mean' or 'cls+mean').
+    config.linear_probe = ml_collections.ConfigDict(
+        dict(
+            feature="cls",
+            # Off: the probe trains on the eval-view features, extracted once when
+            # cache_features (else the frozen encoder runs in every step).
+            augment=False,
+            cache_features=True,
+            crop_scale=(0.08, 1.0),
+            # MAE: LARS, base lr 0.1 at batch 16384 (lr 6.4). LARS moves each weight by
+            # 0.001 x lr of its norm per step, too little at this batch of 256, so the
+            # Fashion-MNIST default is SGD (momentum 0.9); 'lars' for the ImageNet recipe.
+            optimizer="sgd",
+            base_lr=0.1,  # lr = base_lr * batch_size / 256
+            weight_decay=0.0,
+            batch_size=256,
+            num_epochs=20,  # MAE: 90 (ViT-B) / 50 (L, H) on ImageNet
+            warmup_epochs=2.0,
+        )
+    )
+    config.low_shot = ml_collections.ConfigDict(
+        dict(
+            shots=(1, 2, 5),
+            fractions=(0.01, 0.1),
+            seeds=(0, 1, 2),  # one subset per seed, accuracy averaged
+            l2=1e-4,
+            num_steps=300,  # L-BFGS iterations
+        )
+    )
+    config.clustering = ml_collections.ConfigDict(
+        dict(split="test", num_init=3, num_iters=100)  # k = config.dataset.num_classes
+    )
+    config.finetune = ml_collections.ConfigDict(
+        dict(
+            batch_size=256,
+            num_epochs=10,  # SPEC: 100 (B) / 50 (L, H)
+            total_steps=0,  # > 0 overrides num_epochs
+            pooling="gap",  # global average pooling + fc_norm (SPEC), or 'cls'
+            drop_path=0.1,  # SPEC: 0.1 (B) / 0.2 (L) / 0.3 (H)
+            layer_decay=0.65,  # SPEC: 0.65 (B) / 0.75 (L, H)
+            label_smoothing=0.1,
+            mixup_alpha=0.8,
+            cutmix_alpha=1.0,
+            switch_prob=0.5,
+            randaugment_ops=2,  # 0 = off; 'rand-m9-mstd0.5'
+            randaugment_magnitude=9.0,
+            randaugment_magnitude_std=0.5,
+            random_erasing=0.25,
+            crop_scale=(0.08, 1.0),
+            optimizer=dict(
+                base_lr=5e-4,  # MAE ViT-B: blr 5e-4 (lr = blr * batch / 256)
+                min_lr=1e-6,
+                b1=0.9,
+                b2=0.999,
+                weight_decay=0.05,
+                warmup_epochs=1.0,  # SPEC/MAE: 5 of 100
+                grad_clip_norm=0.0,
+            ),
+        )
+    )
+    config.pictures = ml_collections.ConfigDict(dict(num_images=8, embedding_points=3000))
+    return config
+
+
+# MAE-CT per encoder size (SPEC, MAE-CT, and the official stage-3 yamls): pooling,
+# stage-3 temperature and projector EMA momentum, stage-3 epochs, stage-2/3 global batch.
+MAECT_SIZES = {
+    "B": dict(pooling="mean", temperature=0.15, ema_momentum=0.99, tune_epochs=20, batch=1024),
+    "L": dict(pooling="cls", temperature=0.2, ema_momentum=0.99, tune_epochs=20, batch=1024),
+    "H": dict(pooling="cls", temperature=0.3, ema_momentum=0.995, tune_epochs=30, batch=512),
+}
+
+
+def _adamw(weight_decay: float, num_epochs: ml_collections.FieldReference):
+    # MAE-CT's optimisers (official yamls): AdamW (0.9, 0.95), base lr 1e-4 scaled by
+    # global_batch * 2 views / 256, linear warmup over the first 20% then cosine to 0.
+    return ml_collections.ConfigDict(
+        dict(
+            base_lr=1e-4,
+            views_per_example=2,
+            min_lr=0.0,
+            b1=0.9,
+            b2=0.95,
+            weight_decay=weight_decay,
+            warmup_epochs=num_epochs * 0.2,
+            grad_clip_norm=0.0,
+        )
+    )
+
+
+def _contrastive_stage(
+    *,
+    num_epochs: int,
+    batch: int,
+    temperature: float,
+    ema_momentum: float,
+    freeze_encoder: bool,
+    frozen_blocks: int,
+    layer_decay: float,
+) -> ml_collections.ConfigDict:
+    stage = ml_collections.ConfigDict()
+    # A workdir or checkpoint (step folder) of this project to take the encoder (and, from
+    # a MAE-CT stage, the heads) from; '' = the previous stage's sub-folder. Setting it
+    # skips the stages before this one.
+    stage.init_from = ""
+    stage.num_epochs = num_epochs
+    stage.total_steps = 0  # > 0 overrides num_epochs
+    stage.temperature = temperature
+    # EMA momentum of the projector copy that fills the queue; 0 = no copy, the queue takes
+    # the online projector's outputs (the official stage 2).
+    stage.ema_momentum = ema_momentum
+    stage.freeze_encoder = freeze_encoder  # the whole encoder (stage 2)
+    stage.frozen_blocks = frozen_blocks  # else: patch embedding, cls token and these blocks
+    stage.layer_decay = layer_decay  # block i (1-based) gets layer_decay ** (depth + 1 - i)
+    # Keys below override the top-level ones of the same name for this stage.
+    stage.input = ml_collections.ConfigDict(
+        dict(
+            global_batch_size=batch,
+            views="two_crops",  # 'two_crops_aug': the "_aug" variant (BYOL colour ops)
+            crop_scale=(0.08, 1.0),
+            view_augment=dict(
+                color_jitter=dict(prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
+                grayscale_prob=0.2,
+                blur_prob=(1.0, 0.1),
+                blur_sigma=(0.1, 2.0),
+                solarize_prob=(0.0, 0.2),
+            ),
+        )
+    )
+    epochs_ref = stage.get_ref("num_epochs")
+    stage.optimizer = _adamw(0.05, epochs_ref)  # the encoder's (unused while it is frozen)
+    stage.head_optimizer = _adamw(1e-5, epochs_ref)  # projector and predictor
+    return stage
+
+
+def maect_config(config: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+    """Turns a MAE config (stage 1) into the staged MAE-CT recipe with SPEC's numbers.
+
+    `size` ('B', 'L' or 'H') picks the per-size numbers of MAECT_SIZES; the top-level keys
+    stay stage 1's (the MAE trainer reads them), config.stages.head / .tune hold stage 2
+    (NNCLR head on the frozen encoder) and stage 3 (contrastive tuning).
+    """
+    from cmae_jax.models import vit
+
+    sizes = MAECT_SIZES[size]
+    depth = vit.parse_variant(config.model.variant)["depth"]
+    config.method = "maect"
+    config.maect = ml_collections.ConfigDict(
+        dict(
+            pooling=sizes["pooling"],  # 'mean' patch token (B) or 'cls' token (L, H)
+            projector_hidden=2048,
+            predictor_hidden=4096,
+            projection_dim=256,
+            queue_size=65536,
+            topk=20,
+        )
+    )
+    config.stages = ml_collections.ConfigDict()
+    # Stage 2 as the official code: temperature 0.15 at every size, no projector EMA.
+    config.stages.head = _contrastive_stage(
+        num_epochs=20,
+        batch=sizes["batch"],
+        temperature=0.15,
+        ema_momentum=0.0,
+        freeze_encoder=True,
+        frozen_blocks=0,  # not read while the whole encoder is frozen
+        layer_decay=1.0,
+    )
+    config.stages.tune = _contrastive_stage(
+        num_epochs=sizes["tune_epochs"],
+        batch=sizes["batch"],
+        temperature=sizes["temperature"],
+        ema_momentum=sizes["ema_momentum"],
+        freeze_encoder=False,
+        frozen_blocks=depth // 2,
+        layer_decay=0.65,
+    )
+    config.eval.feature = sizes["pooling"]
+    return config
+
+
+def fashion_mnist_maect_config() -> ml_collections.ConfigDict:
+    """The CPU-sized MAE-CT demo of configs/fashion_mnist_maect.py (its docstring gives the
+    departures from the ImageNet recipe); stage 1 is the Fashion-MNIST MAE demo."""
+    config = maect_config(fashion_mnist_config("mae"), "B")
+    config.maect.pooling = "cls"
+    config.eval.feature = "cls"
+    config.maect.projector_hidden = 512
+    config.maect.predictor_hidden = 1024
+    config.maect.projection_dim = 128
+    config.maect.queue_size = 4096
+    for stage in (config.stages.head, config.stages.tune):
+        stage.input.global_batch_size = 256
+        stage.input.crop_scale = (0.2, 1.0)
+    config.stages.head.num_epochs = 1
+    config.stages.tune.num_epochs = 2
+    # Higher base lrs for a schedule of a few hundred steps (as the MAE demo's 1e-3).
+    config.stages.head.head_optimizer.base_lr = 5e-4
+    config.stages.tune.head_optimizer.base_lr = 5e-4
+    config.stages.tune.optimizer.base_lr = 2.5e-4
     return config

@@ -5,9 +5,9 @@ import ml_collections
 from cmae_jax.data import masking, sources
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
-from cmae_jax.sharding import mesh_shape
+from cmae_jax.sharding import logical_axis_rules, mesh_shape
 
-METHODS = ("cmae", "mae")
+METHODS = ("cmae", "mae", "maect", "eval")
 
 
 class ConfigError(ValueError):
@@ -81,7 +81,8 @@ def validate(
     )
     try:
         mesh_shape(config.mesh, num_devices)
-    except ValueError as e:
+        logical_axis_rules(config.logical_axis_rules)
+    except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
 
     contrastive = config.loss.contrastive_weight > 0
@@ -89,11 +90,12 @@ def validate(
         config.loss.contrastive_weight >= 0,
         f"config.loss.contrastive_weight={config.loss.contrastive_weight} must be >= 0.",
     )
-    if config.method == "mae":
+    if config.method in ("mae", "maect"):  # MAE-CT's stage 1 is plain MAE
         _require(
             not contrastive,
-            f"config.method='mae' has no contrastive branch but config.loss.contrastive_weight="
-            f"{config.loss.contrastive_weight}; set it to 0 or use method='cmae'.",
+            f"config.method={config.method!r} has no contrastive branch but "
+            f"config.loss.contrastive_weight={config.loss.contrastive_weight}; set it to 0 or "
+            "use method='cmae'.",
         )
     if contrastive:
         _require(
@@ -114,8 +116,167 @@ def validate(
         "Set config.num_epochs or config.total_steps to a positive number.",
     )
 
+    if config.method == "maect":
+        _validate_maect(config, num_devices, process_count, check_data)
+    if config.method == "eval":
+        _validate_eval(config, num_devices, check_data)
+    _require(
+        config.eval.every_steps >= 0 and config.eval.knn_subset >= 0,
+        "config.eval.every_steps and config.eval.knn_subset must be >= 0 (0: off / all).",
+    )
+
     if check_data:
         try:
             sources.check_source_available(config.dataset)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
+
+
+def _validate_maect(
+    config: ml_collections.ConfigDict, num_devices: int, process_count: int, check_data: bool
+) -> None:
+    """The MAE-CT keys: config.maect and the sections of stages 2 and 3 (config.stages)."""
+    from cmae_jax.models import maect as maect_model
+
+    m = config.maect
+    _require(
+        m.pooling in maect_model.POOLINGS,
+        f"config.maect.pooling={m.pooling!r} is not one of {', '.join(maect_model.POOLINGS)}.",
+    )
+    _require(m.topk >= 1, f"config.maect.topk={m.topk} must be >= 1 (SPEC: 20).")
+    _require(
+        m.queue_size >= m.topk,
+        f"config.maect.queue_size={m.queue_size} must be at least config.maect.topk={m.topk}.",
+    )
+    depth = maect_model.build_model(config.model, config.input, m).depth
+    for name in ("head", "tune"):
+        stage, key = config.stages[name], f"config.stages.{name}"
+        batch = stage.input.global_batch_size
+        _require(
+            batch > 0 and batch % num_devices == 0 and batch % process_count == 0,
+            f"{key}.input.global_batch_size={batch} must be a positive multiple of the "
+            f"{num_devices} devices and {process_count} processes.",
+        )
+        _require(
+            m.queue_size >= batch,
+            f"config.maect.queue_size={m.queue_size} cannot take a global batch of {batch} "
+            f"keys ({key}.input.global_batch_size); make the queue at least that long.",
+        )
+        _require(
+            stage.input.views in ("two_crops", "two_crops_aug"),
+            f"{key}.input.views={stage.input.views!r} must be 'two_crops' or 'two_crops_aug'.",
+        )
+        low, high = stage.input.crop_scale
+        _require(
+            0.0 < low <= high <= 1.0,
+            f"{key}.input.crop_scale={tuple(stage.input.crop_scale)} must satisfy "
+            "0 < low <= high <= 1, e.g. (0.08, 1.0).",
+        )
+        _require(stage.temperature > 0, f"{key}.temperature={stage.temperature} must be > 0.")
+        _require(
+            0.0 <= stage.ema_momentum < 1.0,
+            f"{key}.ema_momentum={stage.ema_momentum} must lie in [0, 1) (0: no EMA projector).",
+        )
+        _require(
+            0 <= stage.frozen_blocks <= depth,
+            f"{key}.frozen_blocks={stage.frozen_blocks} must lie in [0, {depth}] (the depth).",
+        )
+        _require(
+            0.0 < stage.layer_decay <= 1.0,
+            f"{key}.layer_decay={stage.layer_decay} must lie in (0, 1], e.g. 0.65.",
+        )
+        _require(
+            stage.num_epochs > 0 or stage.total_steps > 0,
+            f"Set {key}.num_epochs or {key}.total_steps to a positive number.",
+        )
+        for opt_name in ("optimizer", "head_optimizer"):
+            opt = stage[opt_name]
+            _require(
+                opt.base_lr >= 0 and opt.weight_decay >= 0 and opt.views_per_example >= 1,
+                f"{key}.{opt_name}: base_lr and weight_decay must be >= 0 and "
+                "views_per_example >= 1.",
+            )
+        if check_data and stage.init_from:
+            from cmae_jax.checkpointing import find_checkpoint
+
+            try:
+                find_checkpoint(stage.init_from)
+            except FileNotFoundError as e:
+                raise ConfigError(f"{key}.init_from: {e}") from None
+
+
+def _validate_eval(config: ml_collections.ConfigDict, num_devices: int, check_data: bool) -> None:
+    """The evaluation keys (method 'eval'): init, protocols and their sections."""
+    from cmae_jax.evaluate import PROTOCOLS
+    from cmae_jax.evaluation.features import PIXELS, POOLINGS, RANDOM_INIT
+
+    unknown = [p for p in config.protocols if p not in PROTOCOLS]
+    _require(
+        bool(config.protocols) and not unknown,
+        f"config.protocols={tuple(config.protocols)} must name some of {', '.join(PROTOCOLS)}.",
+    )
+    _require(
+        config.eval.feature in POOLINGS,
+        f"config.eval.feature={config.eval.feature!r} is not one of {', '.join(POOLINGS)}.",
+    )
+    _require(config.eval.knn_k >= 1, f"config.eval.knn_k={config.eval.knn_k} must be >= 1.")
+    _require(
+        config.eval.knn_temperature > 0,
+        f"config.eval.knn_temperature={config.eval.knn_temperature} must be > 0 (SPEC: 0.07).",
+    )
+    probe = config.linear_probe
+    _require(
+        probe.feature in POOLINGS,
+        f"config.linear_probe.feature={probe.feature!r} is not one of {', '.join(POOLINGS)}.",
+    )
+    _require(
+        probe.optimizer in ("lars", "sgd"),
+        f"config.linear_probe.optimizer={probe.optimizer!r} must be 'lars' or 'sgd'.",
+    )
+    _require(
+        probe.augment or probe.cache_features,
+        "config.linear_probe: with augment=False the features are cached; set "
+        "cache_features=True (or augment=True for RandomResizedCrop + flip).",
+    )
+    ft = config.finetune
+    for key, batch in (("linear_probe", probe.batch_size), ("finetune", ft.batch_size)):
+        _require(
+            batch > 0 and batch % num_devices == 0,
+            f"config.{key}.batch_size={batch} must be a positive multiple of the "
+            f"{num_devices} devices.",
+        )
+    _require(
+        all(n >= 1 for n in config.low_shot.shots)
+        and all(0 < f <= 1 for f in config.low_shot.fractions),
+        "config.low_shot: shots must be >= 1 and fractions in (0, 1].",
+    )
+    _require(
+        ft.pooling in ("gap", "cls"), f"config.finetune.pooling={ft.pooling!r}: 'gap' or 'cls'."
+    )
+    _require(
+        0.0 < ft.layer_decay <= 1.0 and 0.0 <= ft.drop_path < 1.0,
+        f"config.finetune: layer_decay={ft.layer_decay} must lie in (0, 1] and "
+        f"drop_path={ft.drop_path} in [0, 1).",
+    )
+    _require(
+        ft.mixup_alpha >= 0 and ft.cutmix_alpha >= 0 and 0 <= ft.label_smoothing < 1,
+        "config.finetune: mixup_alpha and cutmix_alpha must be >= 0, label_smoothing in [0, 1).",
+    )
+    _require(
+        not (config.model.scan_layers and ft.layer_decay < 1.0 and "finetune" in config.protocols),
+        "config.finetune.layer_decay < 1 needs unrolled blocks: set "
+        "config.model.scan_layers=False.",
+    )
+    if config.init == PIXELS:
+        _require(
+            not {"finetune"} & set(config.protocols) and not probe.augment,
+            "config.init='pixels' has no encoder to fine-tune or to run on augmented views; "
+            "drop 'finetune' from config.protocols and set config.linear_probe.augment=False.",
+        )
+    elif config.init not in RANDOM_INIT and check_data:
+        from cmae_jax.checkpointing import find_checkpoint
+
+        try:
+            find_checkpoint(config.init)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config.init: {e}") from None

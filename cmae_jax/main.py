@@ -13,6 +13,27 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, summaries and pictures.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-process runs (one process per host, or per GPU). On Cloud TPU VMs, under SLURM
+# (srun) and Open MPI (mpirun) 'auto' finds everything by itself; elsewhere give all three
+# of coordinator_address, num_processes and process_id (launch/local_multiprocess.sh).
+flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed: 'auto' starts it for explicit process flags or a detected cluster "
+    "(TPU VM, SLURM, Open MPI); 'on' always (auto-detection must succeed); 'off' never.",
+)
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, reachable from every process."
+)
+flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_list(
+    "local_device_ids",
+    None,
+    "Accelerators this process drives, e.g. 0,1,2,3,4,5,6,7 for one process per 8-GPU node "
+    "(under SLURM / Open MPI the default is one GPU per process).",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -24,7 +45,21 @@ def main(argv: list[str]) -> None:
     import jax
 
     import cmae_jax.data  # noqa: F401  (hides the accelerators from TensorFlow, first)
+    from cmae_jax import sharding
 
+    # Before anything asks JAX for devices: afterwards the backend is fixed to this process.
+    try:
+        local_ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
+        sharding.initialize_distributed(
+            FLAGS.distributed,
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            local_device_ids=local_ids,
+        )
+    except ValueError as e:
+        print(f"Flag error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         config_validation.validate(
             config, num_devices=jax.device_count(), process_count=jax.process_count()
@@ -34,9 +69,16 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     logging.info("Config:\n%s", config)
 
-    from cmae_jax import train_cmae
+    from cmae_jax import evaluate, train_cmae, train_maect
 
-    trainers = {"cmae": train_cmae.train_and_evaluate, "mae": train_cmae.train_and_evaluate}
+    # MAE-CT prints its k-NN line after each of its stages and returns per-stage results;
+    # 'eval' (configs/eval/) evaluates the encoder of config.init by config.protocols.
+    trainers = {
+        "cmae": train_cmae.train_and_evaluate,
+        "mae": train_cmae.train_and_evaluate,
+        "maect": train_maect.train_and_evaluate,
+        "eval": evaluate.evaluate,
+    }
     results = trainers[config.method](config, FLAGS.workdir)
     if "knn_top1" in results:
         print(f"k-NN top-1: {100 * results['knn_top1']:.2f}%", flush=True)

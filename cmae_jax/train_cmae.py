@@ -7,7 +7,6 @@ see cmae_jax.ema) embeds the whole pixel-shifted target view. Loss: normalised-p
 contrastive_weight * InfoNCE over the global batch.
 """
 
-import json
 import os
 import time
 from typing import Any
@@ -20,8 +19,10 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
 from cmae_jax import ema, losses, optim, sharding, train_state, visualize
+from cmae_jax import workdir as workdir_files
 from cmae_jax.checkpointing import Checkpointer
 from cmae_jax.data import masking, pipeline, sources
 from cmae_jax.evaluation import knn
@@ -55,12 +56,38 @@ def check_resumable(position: dict, expected: dict, workdir: str) -> None:
             )
 
 
-def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, tx, lr_schedule, momentum):
-    """The update step: losses, gradients, optimiser (and so the EMA target) update."""
+def split_micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [num_micro, B / num_micro, ...]; micro-batch i holds rows i, i + n, i + 2n...
+
+    Strided rather than contiguous: every device's contiguous block of rows then holds an
+    equal share of every micro-batch, so the split moves no data between devices.
+    """
+
+    def split(x):
+        if x.shape[0] % num_micro:
+            raise ValueError(
+                f"Batch of {x.shape[0]} rows is not divisible by "
+                f"config.grad_accumulation_steps={num_micro}."
+            )
+        x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+def make_batch_gradients(
+    model: nn.Module, config: ml_collections.ConfigDict, grad_shardings: Any = None
+):
+    """(params, batch_stats, target_params, batch) -> (grads, [total, rec, con], batch_stats).
+
+    The losses of one batch and their gradients with respect to the online parameters.
+    `grad_shardings` (the parameters' shardings) pins the gradients to the parameters'
+    layout, so that under FSDP they are reduce-scattered, never held whole.
+    """
     contrastive = config.loss.contrastive_weight > 0
     patch_size = config.input.patch_size
 
-    def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
+    def batch_gradients(params, batch_stats, target_params, batch):
         target_patches = vit.patchify(batch["online"], patch_size)
         keys = None
         if contrastive:
@@ -68,8 +95,8 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, tx, lr_
             # BatchNorm uses the batch's statistics; the running averages it would
             # update are never used, so they are dropped.
             target_vars = {
-                "params": ema.target_params(state.opt_state),
-                "batch_stats": {"projector": state.batch_stats["projector"]},
+                "params": target_params,
+                "batch_stats": {"projector": batch_stats["projector"]},
             }
             keys, _ = model.apply(
                 target_vars,
@@ -82,7 +109,7 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, tx, lr_
 
         def loss_fn(params):
             outputs, updated = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
+                {"params": params, "batch_stats": batch_stats},
                 batch["online"],
                 batch["ids_keep"],
                 batch["ids_mask"],
@@ -98,9 +125,62 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, tx, lr_
             total = rec + config.loss.contrastive_weight * con
             return total, (rec, con, updated.get("batch_stats", {}))
 
-        (total, (rec, con, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        (total, (rec, con, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        return grads, jnp.stack([total, rec, con]), new_stats
+
+    return batch_gradients
+
+
+def make_train_step(
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    tx,
+    lr_schedule,
+    momentum,
+    grad_shardings: Any = None,
+):
+    """The update step: losses, gradients, optimiser (and so the EMA target) update.
+
+    With config.grad_accumulation_steps = n > 1 the batch is split into n micro-batches
+    (see split_micro_batches) run in a lax.scan; the update uses the mean of their
+    gradients. Each micro-batch is a complete CMAE batch of its own: its InfoNCE negatives
+    are the other B / n examples of that micro-batch, and the projector/predictor BatchNorm
+    normalises with its statistics (the running averages see n updates per step).
+    `grad_shardings`: see make_batch_gradients; it also lays out the accumulator.
+    """
+    contrastive = config.loss.contrastive_weight > 0
+    num_micro = int(config.get("grad_accumulation_steps", 1) or 1)
+    batch_gradients = make_batch_gradients(model, config, grad_shardings)
+
+    def constrain(grads):
+        if grad_shardings is None:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, grad_shardings)
+
+    def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
+        target = ema.target_params(state.opt_state) if contrastive else None
+        if num_micro == 1:
+            grads, loss_parts, batch_stats = batch_gradients(
+                state.params, state.batch_stats, target, batch
+            )
+        else:
+
+            def accumulate(carry, micro_batch):
+                grad_sum, loss_sum, stats = carry
+                grads, loss_parts, stats = batch_gradients(state.params, stats, target, micro_batch)
+                grad_sum = constrain(jax.tree.map(jnp.add, grad_sum, grads))
+                return (grad_sum, loss_sum + loss_parts, stats), None
+
+            zeros = constrain(jax.tree.map(jnp.zeros_like, state.params))
+            carry = (zeros, jnp.zeros([3], jnp.float32), state.batch_stats)
+            (grad_sum, loss_sum, batch_stats), _ = jax.lax.scan(
+                accumulate, carry, split_micro_batches(batch, num_micro)
+            )
+            grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
+            loss_parts = loss_sum / num_micro
+        total, rec, con = loss_parts[0], loss_parts[1], loss_parts[2]
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -119,6 +199,27 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, tx, lr_
         return new_state, metrics
 
     return train_step
+
+
+def jit_train_step(
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    tx,
+    lr_schedule,
+    momentum,
+    state_shardings: Any,
+    mesh: jax.sharding.Mesh,
+):
+    """The update step jitted with its shardings: state in place (donated), batch over
+    data x fsdp, metrics replicated. The trainer and the ahead-of-time compiler share it."""
+    return jax.jit(
+        make_train_step(
+            model, config, tx, lr_schedule, momentum, grad_shardings=state_shardings.params
+        ),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def make_init_state(model: nn.Module, tx: optax.GradientTransformation, config):
@@ -160,6 +261,12 @@ def make_model_and_optimizer(config, steps_per_epoch: int, total_steps: int):
     return model, tx, lr_schedule, momentum
 
 
+def knn_feature_fn(model: nn.Module, config: ml_collections.ConfigDict):
+    """(params, images) -> the frozen encoder's config.eval.feature ('cls' or 'mean')."""
+    feature = config.eval.feature
+    return lambda p, images: model.apply({"params": p}, images, method=model.features)[feature]
+
+
 def evaluate_knn(
     model: nn.Module,
     params: Any,
@@ -167,33 +274,8 @@ def evaluate_knn(
     batch_sharding: jax.sharding.NamedSharding,
 ) -> float:
     """k-NN top-1 of the frozen encoder: train split as memory bank, eval split as queries."""
-    feature = config.eval.feature
-    feature_fn = jax.jit(
-        lambda p, images: model.apply({"params": p}, images, method=model.features)[feature]
-    )
-
-    def features_of(split):
-        source = sources.make_source(config.dataset, split)
-        batches = pipeline.eval_dataset(
-            config,
-            source,
-            batch_size=config.eval.batch_size // jax.process_count(),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ).as_numpy_iterator()
-        return knn.extract_features(lambda x: feature_fn(params, x), batches, batch_sharding)
-
-    bank, bank_labels = features_of(config.eval.train_split)
-    queries, query_labels = features_of(config.dataset.eval_split)
-    return knn.knn_accuracy(
-        bank,
-        bank_labels,
-        queries,
-        query_labels,
-        k=config.eval.knn_k,
-        temperature=config.eval.knn_temperature,
-        num_classes=config.dataset.num_classes,
-    )
+    evaluate = knn.make_knn_evaluator(knn_feature_fn(model, config), config, batch_sharding.mesh)
+    return evaluate(params)
 
 
 def train_and_evaluate(
@@ -209,9 +291,7 @@ def train_and_evaluate(
     global_batch_size = config.input.global_batch_size
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if is_chief:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir_files.write_json(workdir, "config.json", config)
 
     # ---------------------------------------------------------------- Mesh
     mesh = sharding.make_mesh(config.mesh)
@@ -220,6 +300,14 @@ def train_and_evaluate(
     logging.info(
         "Mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count()
     )
+    accumulation = int(config.get("grad_accumulation_steps", 1) or 1)
+    micro_batch_ways = accumulation * mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch_size % micro_batch_ways:
+        raise ValueError(
+            f"config.input.global_batch_size={global_batch_size} must be divisible by "
+            f"config.grad_accumulation_steps x data x fsdp = {micro_batch_ways}, so that every "
+            "micro-batch splits evenly over the devices."
+        )
 
     # ---------------------------------------------------------------- Input
     train_source = sources.make_source(config.dataset, config.dataset.train_split)
@@ -247,11 +335,8 @@ def train_and_evaluate(
 
     # ---------------------------------------------------------------- Update step
     replicated = sharding.replicated(mesh)
-    train_step = jax.jit(
-        make_train_step(model, config, tx, lr_schedule, momentum),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
+    train_step = jit_train_step(
+        model, config, tx, lr_schedule, momentum, state_shardings=state_shardings, mesh=mesh
     )
 
     # ---------------------------------------------------------------- Checkpoint
@@ -306,17 +391,36 @@ def train_and_evaluate(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     ).as_numpy_iterator()
-    batches = sharding.prefetch_to_devices(local_batches, batch_sharding)
+    # Counts (and logs by name) the unreadable files the pipeline replaced.
+    skip_counter = pipeline.SkipCounter(local_batches, train_source)
+    batches = sharding.prefetch_to_devices(skip_counter, batch_sharding)
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+    )
+    # Periodic k-NN on a strided subset of both splits; jitted once, here.
+    every = config.eval.get("every_steps", 0)
+    periodic_knn = every and knn.make_knn_evaluator(
+        knn_feature_fn(model, config), config, mesh, subset=config.eval.knn_subset
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         last_log_time, last_log_step = time.time(), start_step
         history = []
         end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+        # Profiling: every process traces the same steps (after 10 of warm-up and
+        # compilation) into its own folder; tracing adds no collectives of its own.
+        profile_steps = int(config.get("profile_steps", 0) or 0)
+        profile_first = min(start_step + 11, end_step)
+        profile_last = min(profile_first + profile_steps - 1, end_step)
         for step in range(start_step + 1, end_step + 1):
+            if profile_steps and step == profile_first:
+                jax.profiler.start_trace(
+                    os.path.join(workdir, "profile", f"process_{jax.process_index()}")
+                )
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = train_step(state, next(batches))
+            if profile_steps and step == profile_last:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
             report_progress(step)
             is_last = step == end_step
             if step % config.log_every_steps == 0 or is_last:
@@ -324,6 +428,10 @@ def train_and_evaluate(
                 now = time.time()
                 steps_per_sec = (step - last_log_step) / (now - last_log_time)
                 metrics["images_per_sec"] = steps_per_sec * global_batch_size
+                # All processes log at the same steps, so the collective is safe here.
+                metrics["skipped_files"] = float(
+                    np.sum(multihost_utils.process_allgather(np.int64(skip_counter.skipped)))
+                )
                 metrics["epoch"] = step / steps_per_epoch
                 last_log_time, last_log_step = now, step
                 writer.write_scalars(step, metrics)
@@ -343,6 +451,13 @@ def train_and_evaluate(
                     raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}.")
             if step % config.image_every_steps == 0 or is_last:
                 write_pictures(step, state)
+            if periodic_knn and step % every == 0:
+                start = time.time()
+                top1 = periodic_knn(state.params)
+                writer.write_scalars(step, {"knn_top1_subset": top1})
+                logging.info(
+                    "step %d | k-NN (subset) %.4f in %.0f s", step, top1, time.time() - start
+                )
             checkpointer.save(
                 step, state, data_position(config, step, steps_per_epoch), force=is_last
             )
@@ -363,6 +478,6 @@ def train_and_evaluate(
     checkpointer.close()
     writer.flush()
     if is_chief:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump({k: v for k, v in results.items() if k != "history"}, f, indent=2)
+        final = {k: v for k, v in results.items() if k != "history"}
+        workdir_files.write_json(workdir, "results.json", final)
     return results

@@ -25,7 +25,6 @@ global batch; only the trainable parameters are differentiated and updated
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -39,6 +38,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from cmae_jax import (
     checkpointing,
@@ -51,6 +51,7 @@ from cmae_jax import (
     train_cmae,
     train_state,
 )
+from cmae_jax import workdir as workdir_files
 from cmae_jax.checkpointing import Checkpointer
 from cmae_jax.data import pipeline, sources
 from cmae_jax.models import maect as maect_model
@@ -294,9 +295,7 @@ def train_stage(
     global_batch_size = config.input.global_batch_size
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if is_chief:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir_files.write_json(workdir, "config.json", config)
 
     # ---------------------------------------------------------------- Mesh
     mesh = sharding.make_mesh(config.mesh)
@@ -453,22 +452,16 @@ def train_and_evaluate(
     preemption would.
     """
     is_chief = jax.process_index() == 0
-    summary_path = os.path.join(workdir, "results.json")
-    summary: dict[str, Any] = {"stages": {}}
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
+    summary: dict[str, Any] = workdir_files.read_json(workdir, "results.json") or {"stages": {}}
     if is_chief:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir_files.write_json(workdir, "config.json", config)
 
     start = STAGES.index(first_stage(config))
     for index in range(start, len(STAGES)):
         name = STAGES[index]
         stage_dir = os.path.join(workdir, name)
         done = summary["stages"].get(name)
-        if done is None or not os.path.isdir(stage_dir):
+        if done is None or not epath.Path(stage_dir).is_dir():
             stop_at_step = stop_at[1] if stop_at is not None and stop_at[0] == name else None
             start_time = time.time()
             if name == STAGES[0]:
@@ -497,8 +490,7 @@ def train_and_evaluate(
                 done["knn_top1"] = results["knn_top1"]
             summary["stages"][name] = done
             if is_chief:
-                with open(summary_path, "w") as f:
-                    json.dump(summary, f, indent=2)
+                workdir_files.write_json(workdir, "results.json", summary)
         if "knn_top1" in done:
             # The command line's result line, once per stage.
             print(f"Stage {name}:", flush=True)

@@ -52,6 +52,7 @@ def test_the_demo_config_is_valid(small_fashion_mnist):
         ("loss.temperature", 0.0, "config.loss.temperature=0.0 must be > 0"),
         ("input.target_view", False, "needs the target view"),
         ("mesh.fsdp", 3, "config.mesh="),
+        ("logical_axis_rules", (("embed", "model"),), "names mesh axis 'model'"),
     ],
 )
 def test_config_errors_name_the_key(small_fashion_mnist, key, value, message):

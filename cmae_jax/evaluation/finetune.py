@@ -1,0 +1,316 @@
+"""End-to-end fine-tuning (SPEC, MAE's main_finetune) with the pretraining's sharded machinery.
+
+Model: the pretrained encoder (stochastic depth `drop_path`, linear over the blocks),
+global average pooling of the patch tokens before the encoder's final norm, a fresh
+LayerNorm (fc_norm) and a Linear head (kernel ~ truncated normal, std 2e-5), as MAE's
+global_pool=True; pooling='cls' takes the normed cls token instead.
+
+Optimiser: AdamW (config.finetune.optimizer: base lr scaled by batch / 256, warmup +
+cosine, weight decay on kernels only) with layer-wise lr decay (cmae_jax.param_groups:
+the last block at decay x lr, the stem at decay^(depth+1) x lr, fc_norm and head at lr).
+
+Data: RandomResizedCrop + flip, RandAugment, normalisation, random erasing
+(cmae_jax.evaluation.augment) from the resumable tf.data stream; mixup / cutmix (one
+lambda per batch, the batch mixed with its reverse, cutmix with probability
+switch_prob when both are on, as timm's Mixup in 'batch' mode) and label smoothing on
+device inside the step.
+
+Sharding: the state is created in its sharded layout (train_state.create_sharded_state
+with the encoder's logical axes), the step is jax.jit with explicit shardings and the
+state donated, the batch split over data x fsdp; checkpoints in WORKDIR/finetune resume
+exactly (the data position is recorded as in pretraining).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+from absl import logging
+from jax.sharding import Mesh
+
+from cmae_jax import checkpointing, optim, param_groups, sharding, train_cmae, train_state
+from cmae_jax.checkpointing import Checkpointer
+from cmae_jax.data import pipeline, sources, views
+from cmae_jax.evaluation import augment, features
+from cmae_jax.models import vit
+
+
+class Classifier(nn.Module):
+    """Encoder + (GAP -> fc_norm | normed cls token) + Linear head."""
+
+    encoder: vit.Encoder
+    num_classes: int
+    pooling: str = "gap"
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+        out = self.encoder(images, None, train=train)
+        if self.pooling == "gap":
+            pooled = jnp.mean(out.prenorm[:, 1:], axis=1)
+            pooled = vit.layer_norm(self.encoder.dtype, "fc_norm")(pooled)
+        else:
+            pooled = out.tokens[:, 0]
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.truncated_normal(2e-5), ("embed", None)
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+            name="head",
+        )(pooled.astype(jnp.float32))
+
+
+def mix_batch(
+    rng: jax.Array,
+    images: jax.Array,
+    targets: jax.Array,
+    *,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    switch_prob: float = 0.5,
+) -> tuple[jax.Array, jax.Array]:
+    """Mixup or cutmix of a batch with its reverse (timm 'batch' mode); soft targets mixed
+    in the same proportion (for cutmix: the area actually kept)."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return images, targets
+    r_switch, r_mix, r_cut, r_y, r_x = jax.random.split(rng, 5)
+    _, h, w, _ = images.shape
+    flipped, flipped_targets = images[::-1], targets[::-1]
+    lam_mix = jax.random.beta(r_mix, max(mixup_alpha, 1e-6), max(mixup_alpha, 1e-6))
+    lam_cut = jax.random.beta(r_cut, max(cutmix_alpha, 1e-6), max(cutmix_alpha, 1e-6))
+    if cutmix_alpha <= 0:
+        use_cutmix = jnp.bool_(False)
+    elif mixup_alpha <= 0:
+        use_cutmix = jnp.bool_(True)
+    else:
+        use_cutmix = jax.random.uniform(r_switch) < switch_prob
+    # Cutmix box: sides sqrt(1 - lam) of the image's, centre uniform, clipped to the image.
+    cut = jnp.sqrt(1.0 - lam_cut)
+    cut_h, cut_w = (cut * h).astype(jnp.int32), (cut * w).astype(jnp.int32)
+    cy, cx = jax.random.randint(r_y, (), 0, h), jax.random.randint(r_x, (), 0, w)
+    y0, y1 = jnp.clip(cy - cut_h // 2, 0, h), jnp.clip(cy + cut_h // 2, 0, h)
+    x0, x1 = jnp.clip(cx - cut_w // 2, 0, w), jnp.clip(cx + cut_w // 2, 0, w)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1))[None, :, :, None]
+    lam_cut = 1.0 - ((y1 - y0) * (x1 - x0)) / (h * w)
+    mixed = jnp.where(
+        use_cutmix, jnp.where(box, flipped, images), lam_mix * images + (1 - lam_mix) * flipped
+    )
+    lam = jnp.where(use_cutmix, lam_cut, lam_mix)
+    return mixed, lam * targets + (1 - lam) * flipped_targets
+
+
+def smooth_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """One-hot targets with label smoothing: 1 - s + s / C on the class, s / C elsewhere."""
+    return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
+
+
+def make_train_step(model: Classifier, tx, schedule, finetune_cfg, num_classes: int, seed: int):
+    """(state, batch) -> (state, metrics): mixup/cutmix, soft-target cross-entropy, update."""
+    base_rng = jax.random.key(seed)
+
+    def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(base_rng, state.step)
+        targets = smooth_targets(batch["label"], num_classes, finetune_cfg.label_smoothing)
+        images, targets = mix_batch(
+            jax.random.fold_in(rng, 0),
+            batch["image"],
+            targets,
+            mixup_alpha=finetune_cfg.mixup_alpha,
+            cutmix_alpha=finetune_cfg.cutmix_alpha,
+            switch_prob=finetune_cfg.switch_prob,
+        )
+
+        def loss_fn(params):
+            logits = model.apply(
+                {"params": params},
+                images,
+                train=True,
+                rngs={"dropout": jax.random.fold_in(rng, 1)},
+            )
+            return optax.softmax_cross_entropy(logits, targets).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        )
+        metrics = {
+            "loss": loss,
+            "learning_rate": schedule(state.step),
+            "grad_norm": optax.global_norm(grads),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config the fine-tuning stream reads: config.input with the fine-tuning batch and
+    crop scale, no target shift."""
+    out = config.copy_and_resolve_references()
+    with out.unlocked():
+        out.input.global_batch_size = config.finetune.batch_size
+        out.input.crop_scale = tuple(config.finetune.crop_scale)
+        out.input.shift = 0
+    return out
+
+
+def train_view_fn(config: ml_collections.ConfigDict):
+    """(uint8 image, seed) -> {'image'}: RandomResizedCrop + flip, RandAugment, normalise,
+    random erasing."""
+    ft, inp = config.finetune, config.input
+
+    def view_fn(image: Any, seed: Any) -> dict[str, Any]:
+        out = views.online_view(image, seed, inp)
+        if ft.randaugment_ops > 0:
+            out = augment.rand_augment(
+                out,
+                tf.random.experimental.stateless_fold_in(seed, 101),
+                num_ops=ft.randaugment_ops,
+                magnitude=ft.randaugment_magnitude,
+                magnitude_std=ft.randaugment_magnitude_std,
+            )
+        out = pipeline.normalize(out, inp.mean, inp.std)
+        if ft.random_erasing > 0:
+            out = augment.random_erasing(
+                out, tf.random.experimental.stateless_fold_in(seed, 102), prob=ft.random_erasing
+            )
+        return {"image": out}
+
+    return view_fn
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: Mesh,
+    rules: Any,
+    *,
+    init: str,
+    writer: Any = None,
+) -> dict[str, float]:
+    """Fine-tunes from the encoder at `init` ('' / 'random': from scratch), resuming from
+    WORKDIR/finetune; returns {'top1'} on config.dataset.eval_split."""
+    ft = config.finetune
+    config = finetune_config(config)
+    num_classes = config.dataset.num_classes
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    # ---------------------------------------------------------------- Input
+    train_source = sources.make_source(config.dataset, config.eval.train_split)
+    steps_per_epoch = pipeline.steps_per_epoch(train_source.num_examples, ft.batch_size)
+    total_steps = ft.total_steps or int(ft.num_epochs * steps_per_epoch)
+
+    # ---------------------------------------------------------------- Model and optimiser
+    encoder = features.build_encoder(config, drop_path=ft.drop_path)
+    model = Classifier(encoder, num_classes, pooling=ft.pooling)
+    schedule = optim.learning_rate_schedule(
+        ft.optimizer, ft.batch_size, steps_per_epoch, total_steps
+    )
+    tx = optax.chain(
+        optim.adamw(ft.optimizer, schedule),
+        param_groups.scale_by_layer_decay(encoder.depth, ft.layer_decay),
+    )
+    size, channels = config.input.image_size, config.input.channels
+
+    def init_fn(rng):
+        params = model.init(rng, jnp.zeros((2, size, size, channels)), train=False)["params"]
+        return train_state.TrainState(
+            step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params)
+        )
+
+    # ---------------------------------------------------------------- Sharding
+    state, state_shardings, abstract_state = train_state.create_sharded_state(
+        init_fn, jax.random.key(config.seed), mesh, rules
+    )
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, ft, num_classes, config.seed),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    # ---------------------------------------------------------------- Checkpoint
+    ft_dir = os.path.join(workdir, "finetune")
+    checkpointer = Checkpointer(
+        ft_dir, keep=config.keep_checkpoints, save_every_steps=config.checkpoint_every_steps
+    )
+    start_step = 0
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, position = checkpointer.restore(latest, abstract_state)
+        expected = train_cmae.data_position(config, latest, steps_per_epoch)
+        train_cmae.check_resumable(position, expected, ft_dir)
+        start_step = position["next_step"]
+        logging.info("Fine-tuning resumed at step %d", start_step)
+    elif init not in ("", "random"):
+        loaded, _ = checkpointing.load_params(init, abstract_state.params)
+        state = jax.jit(
+            lambda s, p: s.replace(params={**s.params, **p}),
+            out_shardings=state_shardings,
+            donate_argnums=0,
+        )(state, loaded)
+
+    # ---------------------------------------------------------------- Loop
+    local = pipeline.train_dataset(
+        config,
+        train_source,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        view_fn=train_view_fn(config),
+    ).as_numpy_iterator()
+    batches = sharding.prefetch_to_devices(
+        ({"image": b["image"], "label": b["label"]} for b in local), batch_sharding
+    )
+    logging.info("Fine-tuning: %d steps (%d per epoch)", total_steps, steps_per_epoch)
+    last_time, last_step = time.time(), start_step
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(start_step + 1, total_steps + 1):
+            state, metrics = train_step(state, next(batches))
+            if step % config.log_every_steps == 0 or step == total_steps:
+                metrics = {f"finetune/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.time()
+                metrics["finetune/images_per_sec"] = (
+                    (step - last_step) * ft.batch_size / max(now - last_time, 1e-9)
+                )
+                last_time, last_step = now, step
+                if writer is not None:
+                    writer.write_scalars(step, metrics)
+                logging.info(
+                    "finetune step %d/%d | loss %.4f", step, total_steps, metrics["finetune/loss"]
+                )
+                if not np.isfinite(metrics["finetune/loss"]):
+                    raise FloatingPointError(f"Fine-tuning loss is not finite at step {step}.")
+            checkpointer.save(
+                step,
+                state,
+                train_cmae.data_position(config, step, steps_per_epoch),
+                force=step == total_steps,
+            )
+        checkpointer.close()
+
+        # ------------------------------------------------------------ Evaluation
+        predict = jax.jit(
+            lambda params, images: model.apply({"params": params}, images, train=False),
+            out_shardings=batch_sharding,
+        )
+        logits, labels = features.features_of_split(
+            config,
+            lambda images: predict(state.params, images),
+            sources.make_source(config.dataset, config.dataset.eval_split),
+            batch_sharding,
+        )
+    return {"top1": float(np.mean(np.argmax(logits, -1) == labels))}

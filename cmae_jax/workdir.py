@@ -1,0 +1,24 @@
+"""The run's JSON files in its workdir (config.json, results.json, ...), local or gs://."""
+
+import json
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+
+def write_json(workdir: str, name: str, value: Any) -> None:
+    """Writes `value` (a ConfigDict or JSON-able data) to WORKDIR/name, creating WORKDIR."""
+    folder = epath.Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(value, ml_collections.ConfigDict):
+        text = value.to_json_best_effort(indent=2)
+    else:
+        text = json.dumps(value, indent=2)
+    (folder / name).write_text(text)
+
+
+def read_json(workdir: str, name: str) -> Any | None:
+    """The content of WORKDIR/name, or None when there is no such file."""
+    path = epath.Path(workdir) / name
+    return json.loads(path.read_text()) if path.exists() else None
