@@ -32,7 +32,7 @@ from clu import metric_writers
 
 from cmae_jax import sharding, visualize
 from cmae_jax import workdir as workdir_files
-from cmae_jax.data import pipeline
+from cmae_jax.data import pipeline, sources
 from cmae_jax.evaluation import clustering, features, finetune, knn, linear_probe, low_shot
 
 PROTOCOLS = ("knn", "linear_probe", "low_shot", "clustering", "finetune", "pictures")
@@ -237,8 +237,12 @@ def write_pictures(
         )
     chosen = np.random.default_rng(config.seed).permutation(len(test_labels))
     chosen = np.sort(chosen[: config.pictures.embedding_points])
+    names = sources.FASHION_MNIST_CLASSES if config.dataset.name == "fashion_mnist" else None
     pictures["embedding"] = visualize.embedding_plot(
-        test_features[chosen], test_labels[chosen], title=f"PCA of {config.init or 'random'}"
+        test_features[chosen],
+        test_labels[chosen],
+        class_names=names,
+        title=f"PCA of {config.init or 'random'}",
     )
     writer.write_images(0, {name: image[None] for name, image in pictures.items()})
     if jax.process_index() == 0:

@@ -56,6 +56,22 @@ def check_resumable(position: dict, expected: dict, workdir: str) -> None:
             )
 
 
+def restore_latest(
+    checkpointer: Checkpointer,
+    abstract_state: Any,
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    workdir: str,
+) -> tuple[Any, int] | None:
+    """(state, next step) of the newest checkpoint, once its data order is checked; or None."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return None
+    state, position = checkpointer.restore(latest, abstract_state)
+    check_resumable(position, data_position(config, latest, steps_per_epoch), workdir)
+    return state, position["next_step"]
+
+
 def split_micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
     """[B, ...] -> [num_micro, B / num_micro, ...]; micro-batch i holds rows i, i + n, i + 2n...
 
@@ -344,11 +360,9 @@ def train_and_evaluate(
         workdir, keep=config.keep_checkpoints, save_every_steps=config.checkpoint_every_steps
     )
     start_step = 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, position = checkpointer.restore(latest, abstract_state)
-        check_resumable(position, data_position(config, latest, steps_per_epoch), workdir)
-        start_step = position["next_step"]
+    resumed = restore_latest(checkpointer, abstract_state, config, steps_per_epoch, workdir)
+    if resumed is not None:
+        state, start_step = resumed
         logging.info("Resumed from %s at step %d", checkpointer.directory, start_step)
 
     # ---------------------------------------------------------------- Pictures

@@ -339,12 +339,11 @@ def train_stage(
         workdir, keep=config.keep_checkpoints, save_every_steps=config.checkpoint_every_steps
     )
     start_step = 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, position = checkpointer.restore(latest, abstract_state)
-        expected = train_cmae.data_position(config, latest, steps_per_epoch)
-        train_cmae.check_resumable(position, expected, workdir)
-        start_step = position["next_step"]
+    resumed = train_cmae.restore_latest(
+        checkpointer, abstract_state, config, steps_per_epoch, workdir
+    )
+    if resumed is not None:
+        state, start_step = resumed
         logging.info("Resumed stage %s at step %d", stage_name, start_step)
     else:
         # Hand-off: the loaded parts replace the fresh ones, and the optimiser starts on

@@ -9,8 +9,8 @@ Commands:
 
 Hardware: 2 CPU cores. Measured (stages 2 + 3 from the 4-epoch MAE demo run, 78.70%):
 `k-NN top-1: 78.70%` after stage 2 (the encoder is frozen there, so this is the MAE
-encoder's own number) and `k-NN top-1: 79.94%` after stage 3, in 19 min 57 s with one
-other process sharing the 2 cores (23 min 44 s with load average ~6). Each stage prints
+encoder's own number) and `k-NN top-1: 79.94%` after stage 3, in 15 min 27 s with nothing
+else running (stage 2: 4 min 55 s, stage 3: 10 min 24 s, k-NN included). Each stage prints
 its result as `k-NN top-1: NN.NN%` (cls token, k = 20, as the CMAE demo).
 
 Departures from the ImageNet recipe (configs/maect_vitb.py), all for size and time:

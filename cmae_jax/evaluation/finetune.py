@@ -248,12 +248,11 @@ def train_and_evaluate(
         ft_dir, keep=config.keep_checkpoints, save_every_steps=config.checkpoint_every_steps
     )
     start_step = 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, position = checkpointer.restore(latest, abstract_state)
-        expected = train_cmae.data_position(config, latest, steps_per_epoch)
-        train_cmae.check_resumable(position, expected, ft_dir)
-        start_step = position["next_step"]
+    resumed = train_cmae.restore_latest(
+        checkpointer, abstract_state, config, steps_per_epoch, ft_dir
+    )
+    if resumed is not None:
+        state, start_step = resumed
         logging.info("Fine-tuning resumed at step %d", start_step)
     elif init not in ("", "random"):
         loaded, _ = checkpointing.load_params(init, abstract_state.params)

@@ -12,8 +12,8 @@ norm) are too small at batch 256 unless base_lr is raised accordingly. With
 running the frozen encoder in every step (SPEC's recipe; about 10x slower here).
 --config.linear_probe.feature=cls|mean|cls+mean, --config.linear_probe.optimizer=sgd.
 
-Expected on 2 CPU cores: about 3 minutes cached (2 of them feature extraction); the
-probe's top-1 lies a few points above the k-NN of the same encoder.
+Expected on 2 CPU cores: about 3 minutes cached (2 of them feature extraction). Measured:
+the CMAE demo 81.73% (its k-NN: 80.09%), MAE 79.75%, raw pixels 84.15%.
 """
 
 from cmae_jax.config_defaults import eval_config
