@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 NUM_PROCESSES="" DEVICES="" CONFIG="" WORKDIR="" PLATFORM="cpu" PORT="" DRY_RUN=0
 EXTRA=()
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+source launch/flags.sh
 while [ $# -gt 0 ]; do
   case "$1" in
     --num_processes=*) NUM_PROCESSES="${1#*=}" ;;
@@ -31,14 +31,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-missing=()
-[ -n "$NUM_PROCESSES" ] || missing+=(--num_processes)
-[ -n "$DEVICES" ] || missing+=(--devices_per_process)
-[ -n "$CONFIG" ] || missing+=(--config)
-[ -n "$WORKDIR" ] || missing+=(--workdir)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "Missing: ${missing[*]}" >&2; usage >&2; exit 2
-fi
+require_flags "local_multiprocess.sh" --num_processes "$NUM_PROCESSES" \
+  --devices_per_process "$DEVICES" --config "$CONFIG" --workdir "$WORKDIR"
 case "$PLATFORM" in cpu|gpu) ;; *) echo "--platform must be cpu or gpu" >&2; exit 2 ;; esac
 if ! [[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ && "$DEVICES" =~ ^[1-9][0-9]*$ ]]; then
   echo "--num_processes and --devices_per_process must be positive integers" >&2; exit 2

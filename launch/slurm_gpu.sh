@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+source launch/flags.sh
 NODES="" GPUS="" CONFIG="" WORKDIR="" MODE="per_gpu" PARTITION="" ACCOUNT="" TIME="" DRY_RUN=0
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -32,14 +32,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-missing=()
-[ -n "$NODES" ] || missing+=(--nodes)
-[ -n "$GPUS" ] || missing+=(--gpus_per_node)
-[ -n "$CONFIG" ] || missing+=(--config)
-[ -n "$WORKDIR" ] || missing+=(--workdir)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "Missing: ${missing[*]}" >&2; usage >&2; exit 2
-fi
+require_flags "slurm_gpu.sh" --nodes "$NODES" --gpus_per_node "$GPUS" --config "$CONFIG" \
+  --workdir "$WORKDIR"
 case "$MODE" in
   per_gpu) TASKS="$GPUS" ;;
   per_node) TASKS=1 ;;

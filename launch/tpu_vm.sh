@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+source launch/flags.sh
 ACTION="${1:-}"
 [ $# -gt 0 ] && shift
 NAME="" ZONE="" TYPE="" VERSION="" PROJECT="" CONFIG="" WORKDIR="" QUEUED=0 SPOT=0 DRY_RUN=0
@@ -42,15 +42,15 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# require --name --zone ...: the action's required flags, read from their variables.
 require() {
-  local missing=() flag
+  local args=() flag var
   for flag in "$@"; do
-    local var="${flag#--}"; var="${var^^}"
-    [ -n "${!var}" ] || missing+=("$flag")
+    var="${flag#--}"
+    var="${var^^}"
+    args+=("$flag" "${!var}")
   done
-  if [ ${#missing[@]} -gt 0 ]; then
-    echo "$ACTION needs: ${missing[*]}" >&2; usage >&2; exit 2
-  fi
+  require_flags "$ACTION" "${args[@]}"
 }
 
 # Prints a command, then runs it unless --dry_run.
