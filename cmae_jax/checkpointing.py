@@ -9,6 +9,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from cmae_jax import workdir as workdir_files
+
 
 class Checkpointer:
     """Periodic saves under WORKDIR/checkpoints, keeping the newest `keep`, resumable."""
@@ -95,6 +97,11 @@ def find_checkpoint(path: str) -> epath.Path:
 def run_folder(state_dir: epath.Path) -> epath.Path:
     """The workdir that wrote the checkpoint whose `state` folder is `state_dir`."""
     return state_dir.parent.parent.parent
+
+
+def run_config_json(path: str) -> dict[str, Any] | None:
+    """The config.json of the run that wrote the checkpoint `path` names, or None without one."""
+    return workdir_files.read_json(run_folder(find_checkpoint(path)), "config.json")
 
 
 def saved_structure(state_dir: epath.Path) -> Any:

@@ -10,7 +10,6 @@ A MAE-CT run keeps the pixel decoder only in its first stage: load WORKDIR/1_mae
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import jax
@@ -38,11 +37,10 @@ class Autoencoder:
 
 def run_config(path: str) -> ml_collections.ConfigDict:
     """The config (config.json) of the run that wrote the checkpoint at `path`."""
-    folder = checkpointing.run_folder(checkpointing.find_checkpoint(path))
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} is missing: the run's config is needed.")
-    return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    saved = checkpointing.run_config_json(path)
+    if saved is None:
+        raise FileNotFoundError(f"The run of {path} has no config.json: its config is needed.")
+    return ml_collections.ConfigDict(saved)
 
 
 def has_pixel_decoder(path: str) -> bool:

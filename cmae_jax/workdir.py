@@ -1,6 +1,7 @@
 """The run's JSON files in its workdir (config.json, results.json, ...), local or gs://."""
 
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -18,7 +19,7 @@ def write_json(workdir: str, name: str, value: Any) -> None:
     (folder / name).write_text(text)
 
 
-def read_json(workdir: str, name: str) -> Any | None:
+def read_json(workdir: str | os.PathLike, name: str) -> Any | None:
     """The content of WORKDIR/name, or None when there is no such file."""
     path = epath.Path(workdir) / name
     return json.loads(path.read_text()) if path.exists() else None

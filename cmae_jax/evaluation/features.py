@@ -10,7 +10,6 @@ image) for the raw-pixel baseline.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -39,9 +38,8 @@ class FeatureEncoder(nn.Module):
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         """{'cls', 'mean', 'cls+mean'}: pooled float32 features of whole images."""
-        tokens = self.encoder(images, None, train=train).tokens.astype(jnp.float32)
-        cls, mean = tokens[:, 0], jnp.mean(tokens[:, 1:], axis=1)
-        return {"cls": cls, "mean": mean, "cls+mean": jnp.concatenate([cls, mean], axis=-1)}
+        pooled = self.encoder(images, None, train=train).pooled()
+        return {**pooled, "cls+mean": jnp.concatenate([pooled["cls"], pooled["mean"]], axis=-1)}
 
 
 def build_encoder(config: ml_collections.ConfigDict, **overrides: Any) -> vit.Encoder:
@@ -197,12 +195,10 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     config.model_from_init is set and init names a checkpoint; else `config` unchanged."""
     if config.init in (*RANDOM_INIT, PIXELS) or not config.get("model_from_init", True):
         return config
-    run_config = checkpointing.run_folder(checkpointing.find_checkpoint(config.init))
-    path = run_config / "config.json"
-    if not path.exists():
-        logging.warning("No %s: the encoder is built from this config.model.", path)
+    saved = checkpointing.run_config_json(config.init)
+    if saved is None:
+        logging.warning("No config.json for %s: the encoder follows config.model.", config.init)
         return config
-    saved = json.loads(path.read_text())
     out = config.copy_and_resolve_references()
     with out.unlocked():
         for key, value in saved["model"].items():
@@ -212,7 +208,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             if key in saved["input"]:
                 value = saved["input"][key]
                 out.input[key] = tuple(value) if isinstance(value, list) else value
-    logging.info("Encoder and input geometry from %s: %s", path, out.model)
+    logging.info("Encoder and input geometry from the run of %s: %s", config.init, out.model)
     return out
 
 

@@ -118,8 +118,7 @@ class CMAE(nn.Module):
 
     def features(self, images: jax.Array) -> dict[str, jax.Array]:
         """Frozen-encoder features for evaluation: normed cls token and mean of normed patches."""
-        tokens = self.encoder(images, None).tokens.astype(jnp.float32)
-        return {"cls": tokens[:, 0], "mean": jnp.mean(tokens[:, 1:], axis=1)}
+        return self.encoder(images, None).pooled()
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:

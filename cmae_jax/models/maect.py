@@ -87,8 +87,7 @@ class MAECT(nn.Module):
 
     def features(self, images: jax.Array) -> dict[str, jax.Array]:
         """Frozen-encoder features for evaluation: normed cls token and mean of normed patches."""
-        tokens = self.encoder(images, None).tokens.astype(jnp.float32)
-        return {"cls": tokens[:, 0], "mean": jnp.mean(tokens[:, 1:], axis=1)}
+        return self.encoder(images, None).pooled()
 
 
 def build_model(model_cfg: Any, input_cfg: Any, maect_cfg: Any) -> MAECT:

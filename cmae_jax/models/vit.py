@@ -352,6 +352,11 @@ class EncoderOutput:
     tokens: jax.Array  # [B, 1 + K, width]
     prenorm: jax.Array  # [B, 1 + K, width]
 
+    def pooled(self) -> dict[str, jax.Array]:
+        """Evaluation features in float32: 'cls' (normed cls token), 'mean' (of normed patches)."""
+        tokens = self.tokens.astype(jnp.float32)
+        return {"cls": tokens[:, 0], "mean": jnp.mean(tokens[:, 1:], axis=1)}
+
 
 class Encoder(nn.Module):
     """ViT encoder that encodes only the visible patches `ids_keep` (all patches if None).
