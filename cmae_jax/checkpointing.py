@@ -1,13 +1,17 @@
 """Orbax checkpoints of the train state plus the input pipeline's position, and loading
 parts of any run's checkpoint (e.g. its encoder) for another trainer or an evaluation."""
 
+import math
 import os
+import time
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from cmae_jax import workdir as workdir_files
 
@@ -54,6 +58,28 @@ class Checkpointer:
         )
         return restored.state, restored.data
 
+    def read_position(self, step: int) -> dict:
+        """The data position saved with `step` (reads no arrays)."""
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+
+    def last_finite_step(self) -> int | None:
+        """The newest checkpoint whose recorded loss is finite (or unrecorded), or None."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            loss = self.read_position(step).get("loss")
+            if loss is None or math.isfinite(loss):
+                return step
+        return None
+
+    def set_aside(self, step: int, reason: str) -> None:
+        """Moves an unreadable checkpoint out of the manager's sight, never deleting it."""
+        if jax.process_index() == 0:
+            folder = self.directory / str(step)
+            aside = self.directory / f"unreadable_{step}_{int(time.time())}"
+            folder.rename(aside)
+            logging.warning("Checkpoint %s is unreadable (%s); moved to %s.", folder, reason, aside)
+        multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
+        self.manager.reload()
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
         self.manager.wait_until_finished()
@@ -62,6 +88,76 @@ class Checkpointer:
         """Finishes pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# -------------------------------------------------------------------- Resuming a run
+
+
+class DataOrderError(ValueError):
+    """Resuming would silently change the order of the training data."""
+
+
+class StateMismatchError(ValueError):
+    """A checkpoint's arrays do not fit the state this config builds."""
+
+
+def data_position(
+    config: ml_collections.ConfigDict, next_step: int, steps_per_epoch: int, data_offset: int = 0
+) -> dict:
+    """What a checkpoint records about the input stream: enough to resume it exactly.
+
+    `data_offset` counts the batches a rollback skipped: the stream continues at batch
+    next_step + data_offset.
+    """
+    return {
+        "next_step": int(next_step),
+        "data_offset": int(data_offset),
+        "epoch": int((next_step + data_offset) // steps_per_epoch),
+        "examples_seen": int(next_step * config.input.global_batch_size),
+        "seed": int(config.seed),
+        "global_batch_size": int(config.input.global_batch_size),
+        "steps_per_epoch": int(steps_per_epoch),
+    }
+
+
+def check_resumable(position: dict, expected: dict, directory: Any) -> None:
+    """Refuses to resume a run whose data order would silently change."""
+    for key in ("seed", "global_batch_size", "steps_per_epoch"):
+        if position.get(key) != expected[key]:
+            raise DataOrderError(
+                f"The checkpoint in {directory} was written with {key}={position.get(key)}, "
+                f"this config has {key}={expected[key]}: resuming would change the data order. "
+                "Use the same value, or a new --workdir to start afresh (the old one is kept)."
+            )
+
+
+def restore_latest(
+    checkpointer: Checkpointer, abstract_state: Any, expected: dict
+) -> tuple[Any, dict] | None:
+    """(state, data position) of the newest readable checkpoint, its data order checked; or
+    None without one. An unreadable checkpoint (cut short, truncated or deleted files) is
+    logged and set aside (Checkpointer.set_aside), and the next older one is tried."""
+    while (step := checkpointer.latest_step()) is not None:
+        try:
+            saved = saved_structure(checkpointer.directory / str(step) / "state")
+        except Exception as error:  # no readable metadata: cut short or damaged
+            checkpointer.set_aside(step, f"{type(error).__name__}: {str(error)[:300]}")
+            continue
+        if leaf_shapes(saved) != leaf_shapes(abstract_state):
+            raise StateMismatchError(
+                f"The checkpoint of step {step} in {checkpointer.directory} holds a state of "
+                "other shapes than this config builds (another config.model, optimiser or "
+                "method?). Resume with the config it was written with (its config.json), or "
+                "use a new --workdir."
+            )
+        try:
+            state, position = checkpointer.restore(step, abstract_state)
+        except Exception as error:  # whatever the storage layer raises for broken files
+            checkpointer.set_aside(step, f"{type(error).__name__}: {str(error)[:300]}")
+            continue
+        check_resumable(position, expected, checkpointer.directory)
+        return state, position
+    return None
 
 
 # -------------------------------------------------------------------- Loading parts of a run
@@ -107,6 +203,12 @@ def run_config_json(path: str) -> dict[str, Any] | None:
 def saved_structure(state_dir: epath.Path) -> Any:
     """The tree of array metadata (shapes, dtypes) a checkpoint's state holds; reads no data."""
     return ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+
+
+def leaf_shapes(tree: Any) -> list[tuple[int, ...]]:
+    """The sorted shapes of a tree's array leaves: equal for the same state, whatever the
+    container types (dataclasses and named tuples come back from orbax as dicts)."""
+    return sorted(tuple(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
 
 
 def same_shapes(saved: Any, abstract: Any) -> bool:

@@ -114,6 +114,24 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     # the whole batch. InfoNCE negatives and BatchNorm statistics are per micro-batch.
     config.grad_accumulation_steps = 1
 
+    # Non-finite guard (cmae_jax.loop): a step whose loss or gradient norm is NaN/inf leaves
+    # the state unchanged and is counted (scalar skipped_updates). After
+    # max_consecutive_skips such steps in a row the run goes back to the last checkpoint
+    # with a finite loss and continues with the batches after the bad ones; after
+    # max_rollbacks rollbacks it stops with a message. For an 800-epoch run with a
+    # checkpoint every 1000 steps: isolated bad batches are skipped, a divergence costs at
+    # most 1000 steps per rollback, and 3 rollbacks that do not help mean the recipe (lr,
+    # precision) needs a person.
+    config.guard = ml_collections.ConfigDict(
+        dict(
+            max_consecutive_skips=20,
+            max_rollbacks=3,
+            # Testing hook: batches (1-based positions in the data stream) whose float
+            # inputs are replaced by NaN, to exercise the guard end to end.
+            poison_batches=(),
+        )
+    )
+
     config.log_every_steps = 100
     # > 0: trace this many steps (after 10 warm-up steps) into WORKDIR/profile/process_<i>
     # on every process (TensorBoard's profile tab).
@@ -134,6 +152,9 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     # (queries), 0 = the whole splits; logged as knn_top1_subset.
     config.eval.every_steps = 0
     config.eval.knn_subset = 10000
+    # What runs every eval.every_steps: names of cmae_jax.evaluation.protocols.REGISTRY
+    # that need no pictures or training of their own ('knn', 'low_shot', 'clustering').
+    config.eval.periodic_protocols = ("knn",)
     config.eval.knn_chunk_size = 1024  # queries per k-NN step (device memory ~ chunk x bank)
 
     return config

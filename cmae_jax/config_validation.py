@@ -207,8 +207,8 @@ def _validate_maect(
 
 def _validate_eval(config: ml_collections.ConfigDict, num_devices: int, check_data: bool) -> None:
     """The evaluation keys (method 'eval'): init, protocols and their sections."""
-    from cmae_jax.evaluate import PROTOCOLS
     from cmae_jax.evaluation.features import PIXELS, POOLINGS, RANDOM_INIT
+    from cmae_jax.evaluation.protocols import NAMES as PROTOCOLS
 
     unknown = [p for p in config.protocols if p not in PROTOCOLS]
     _require(

@@ -28,6 +28,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_integer(
+    "heartbeat_timeout_seconds",
+    120,
+    "Multi-process runs: a process that sends no heartbeat for this long counts as dead, "
+    "and the others stop with an error naming it instead of waiting in a collective.",
+)
 flags.DEFINE_list(
     "local_device_ids",
     None,
@@ -56,6 +62,7 @@ def main(argv: list[str]) -> None:
             FLAGS.num_processes,
             FLAGS.process_id,
             local_device_ids=local_ids,
+            heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
         )
     except ValueError as e:
         print(f"Flag error: {e}", file=sys.stderr)
@@ -69,7 +76,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     logging.info("Config:\n%s", config)
 
-    from cmae_jax import evaluate, train_cmae, train_maect
+    from cmae_jax import evaluate, loop, train_cmae, train_maect
 
     # MAE-CT prints its k-NN line after each of its stages and returns per-stage results;
     # 'eval' (configs/eval/) evaluates the encoder of config.init by config.protocols.
@@ -79,7 +86,15 @@ def main(argv: list[str]) -> None:
         "maect": train_maect.train_and_evaluate,
         "eval": evaluate.evaluate,
     }
-    results = trainers[config.method](config, FLAGS.workdir)
+    try:
+        results = trainers[config.method](config, FLAGS.workdir)
+    except loop.StartError as e:
+        print(f"Start error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if results.get("preempted"):
+        # A SIGTERM / SIGINT stopped the run after a checkpoint: a clean exit.
+        print(loop.exit_message(results), flush=True)
+        return
     if "knn_top1" in results:
         print(f"k-NN top-1: {100 * results['knn_top1']:.2f}%", flush=True)
 

@@ -217,6 +217,7 @@ def initialize_distributed(
     num_processes: int | None = None,
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
+    heartbeat_timeout_seconds: int = 120,
 ) -> bool:
     """Starts jax.distributed before any JAX computation when the run spans processes.
 
@@ -224,7 +225,9 @@ def initialize_distributed(
     (SLURM, Open MPI, Cloud TPU VM); 'on': always (auto-detection must then succeed);
     'off': never. `local_device_ids` are the accelerators this process drives: under SLURM
     and Open MPI JAX otherwise takes one GPU per process (the one of its local rank), so a
-    process per node must list all of its GPUs. Returns whether it initialised.
+    process per node must list all of its GPUs. A process silent for
+    `heartbeat_timeout_seconds` counts as dead: the coordination service then stops the
+    others with an error naming it. Returns whether it initialised.
     """
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"distributed mode {mode!r} is not one of 'auto', 'on', 'off'.")
@@ -252,7 +255,7 @@ def initialize_distributed(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if local_device_ids is not None:
         given["local_device_ids"] = list(local_device_ids)
-    jax.distributed.initialize(**given)
+    jax.distributed.initialize(**given, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     logging.info(
         "jax.distributed: process %d of %d (%s), %d local / %d global devices",
         jax.process_index(),

@@ -34,26 +34,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
 
 from cmae_jax import (
     checkpointing,
     ema,
+    loop,
     losses,
     nnclr,
     optim,
     param_groups,
-    sharding,
     train_cmae,
     train_state,
 )
 from cmae_jax import workdir as workdir_files
-from cmae_jax.checkpointing import Checkpointer
-from cmae_jax.data import pipeline, sources
+from cmae_jax.evaluation import knn
 from cmae_jax.models import maect as maect_model
 
 # Sub-folder of each stage, and the config.stages section of the contrastive ones.
@@ -284,71 +281,27 @@ def train_stage(
     stop_at_step: int | None = None,
 ) -> dict[str, Any]:
     """Runs stage 2 or 3 in `workdir`: resumes its newest checkpoint, else starts from the
-    checkpoint at `init_from`. Returns 'knn_top1' (when evaluated) and 'history'.
+    checkpoint at `init_from`. Returns cmae_jax.loop.train's results ('knn_top1' when
+    evaluated, 'history', 'complete', 'preempted', ...).
 
     `stop_at_step` ends the stage after saving a checkpoint at that step, as a preemption
     would; a later call resumes from there.
     """
     stage = config.stages[STAGE_SECTIONS[stage_name]]
     config = stage_config(config, stage_name)
-    is_chief = jax.process_index() == 0
-    global_batch_size = config.input.global_batch_size
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-    if is_chief:
-        workdir_files.write_json(workdir, "config.json", config)
-
-    # ---------------------------------------------------------------- Mesh
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_axis_rules(config.logical_axis_rules)
-    batch_sharding = sharding.batch_sharding(mesh)
-
-    # ---------------------------------------------------------------- Input
-    train_source = sources.make_source(config.dataset, config.dataset.train_split)
-    steps_per_epoch = pipeline.steps_per_epoch(train_source.num_examples, global_batch_size)
-    total_steps = config.total_steps or config.num_epochs * steps_per_epoch
-    logging.info("Stage %s: %d steps per epoch, %d steps", stage_name, steps_per_epoch, total_steps)
+    run = loop.set_up(config, workdir, method=config.method)
 
     # ---------------------------------------------------------------- Model and optimiser
-    model, tx, schedules = make_model_and_optimizer(config, stage, steps_per_epoch, total_steps)
-    init_state = make_init_state(model, tx, config, stage)
-
-    # ---------------------------------------------------------------- Sharding
-    state, state_shardings, abstract_state = train_state.create_sharded_state(
-        init_state, jax.random.key(config.seed), mesh, rules
+    model, tx, schedules = make_model_and_optimizer(
+        config, stage, run.steps_per_epoch, run.total_steps
     )
     freeze = dict(freeze_encoder=stage.freeze_encoder, frozen_blocks=stage.frozen_blocks)
-    trainable, _ = param_groups.split(abstract_state.params, **freeze)
-    logging.info(
-        "Stage %s: %.2fM parameters, %.2fM trainable",
-        stage_name,
-        sum(x.size for x in jax.tree.leaves(abstract_state.params)) / 1e6,
-        sum(x.size for x in jax.tree.leaves(trainable)) / 1e6,
-    )
 
-    # ---------------------------------------------------------------- Update step
-    replicated = sharding.replicated(mesh)
-    train_step = jax.jit(
-        make_train_step(model, config, stage_name, stage, tx, schedules),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
-
-    # ---------------------------------------------------------------- Checkpoint
-    checkpointer = Checkpointer(
-        workdir, keep=config.keep_checkpoints, save_every_steps=config.checkpoint_every_steps
-    )
-    start_step = 0
-    resumed = train_cmae.restore_latest(
-        checkpointer, abstract_state, config, steps_per_epoch, workdir
-    )
-    if resumed is not None:
-        state, start_step = resumed
-        logging.info("Resumed stage %s at step %d", stage_name, start_step)
-    else:
-        # Hand-off: the loaded parts replace the fresh ones, and the optimiser starts on
-        # them (zero moments; the EMA projector a copy of the loaded projector).
-        params, batch_stats = load_pretrained(init_from, abstract_state)
+    # ---------------------------------------------------------------- Hand-off
+    def start_fresh(state: MaectState, run: loop.Run) -> MaectState:
+        """The loaded parts replace the fresh ones, and the optimiser starts on them (zero
+        moments; the EMA projector a copy of the loaded projector)."""
+        params, batch_stats = load_pretrained(init_from, jax.eval_shape(lambda: state))
 
         def hand_off(state, params, batch_stats):
             params = {**state.params, **params}
@@ -359,71 +312,24 @@ def train_stage(
                 opt_state=tx.init(trainable),
             )
 
-        state = jax.jit(hand_off, out_shardings=state_shardings, donate_argnums=0)(
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        return jax.jit(hand_off, out_shardings=shardings, donate_argnums=0)(
             state, params, batch_stats
         )
 
     # ---------------------------------------------------------------- Loop
-    local_batches = pipeline.train_dataset(
-        config,
-        train_source,
-        start_step=start_step,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    ).as_numpy_iterator()
-    batches = sharding.prefetch_to_devices(local_batches, batch_sharding)
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+    task = loop.Task(
+        init_state=make_init_state(model, tx, config, stage),
+        train_step=make_train_step(model, config, stage_name, stage, tx, schedules),
+        batch_keys=("view1", "view2", "label", "index"),
+        start_fresh=start_fresh,
+        log_line=lambda m: (
+            f"loss {m['loss']:.4f} | NN acc {m['nn_accuracy']:.3f} | "
+            f"queue {100 * m['queue_fill']:.0f}%"
+        ),
+        embed=knn.feature_fn(model),
     )
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        last_log_time, last_log_step = time.time(), start_step
-        history = []
-        end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
-        for step in range(start_step + 1, end_step + 1):
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = train_step(state, next(batches))
-            report_progress(step)
-            is_last = step == end_step
-            if step % config.log_every_steps == 0 or is_last:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                steps_per_sec = (step - last_log_step) / (now - last_log_time)
-                metrics["images_per_sec"] = steps_per_sec * global_batch_size
-                metrics["epoch"] = step / steps_per_epoch
-                last_log_time, last_log_step = now, step
-                writer.write_scalars(step, metrics)
-                history.append((step, metrics["loss"]))
-                logging.info(
-                    "%s step %d/%d | loss %.4f | NN acc %.3f | queue %.0f%% | %.0f images/s",
-                    stage_name,
-                    step,
-                    total_steps,
-                    metrics["loss"],
-                    metrics["nn_accuracy"],
-                    100 * metrics["queue_fill"],
-                    metrics["images_per_sec"],
-                )
-                if not np.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}.")
-            checkpointer.save(
-                step,
-                state,
-                train_cmae.data_position(config, step, steps_per_epoch),
-                force=is_last,
-            )
-        checkpointer.wait()
-
-        # ------------------------------------------------------------ Evaluation
-        results: dict[str, Any] = {"history": history}
-        if config.eval.knn and end_step == total_steps:
-            results["knn_top1"] = train_cmae.evaluate_knn(
-                model, state.params, config, batch_sharding
-            )
-            writer.write_scalars(total_steps, {"knn_top1": results["knn_top1"]})
-    checkpointer.close()
-    writer.flush()
-    results["complete"] = end_step == total_steps
-    return results
+    return loop.train(run, task, stop_at_step=stop_at_step)
 
 
 # -------------------------------------------------------------------- The staged recipe
@@ -450,6 +356,7 @@ def train_and_evaluate(
     `stop_at=(stage, step)` stops that stage after its checkpoint at `step`, as a
     preemption would.
     """
+    loop.check_workdir(workdir, "maect")
     is_chief = jax.process_index() == 0
     summary: dict[str, Any] = workdir_files.read_json(workdir, "results.json") or {"stages": {}}
     if is_chief:
@@ -467,7 +374,6 @@ def train_and_evaluate(
                 results = train_cmae.train_and_evaluate(
                     stage_config(config, name), stage_dir, stop_at_step=stop_at_step
                 )
-                complete = stop_at_step is None
             else:
                 section = config.stages[STAGE_SECTIONS[name]]
                 # The first stage run starts where its init_from points, later ones from
@@ -480,9 +386,10 @@ def train_and_evaluate(
                 results = train_stage(
                     config, name, stage_dir, init_from=init_from, stop_at_step=stop_at_step
                 )
-                complete = results["complete"]
-            if not complete:
-                logging.info("Stopped in stage %s as asked; rerun to resume.", name)
+            if not results["complete"]:
+                summary["preempted"] = results["preempted"]
+                summary["step"] = f"{results['step']} of stage {name}"
+                logging.info("Stopped in stage %s; rerun the same command to resume.", name)
                 break
             done = {"seconds": round(time.time() - start_time, 1)}
             if "knn_top1" in results:

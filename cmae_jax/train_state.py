@@ -59,7 +59,12 @@ def create_sharded_state(
     No device ever holds the whole state: each computes only its own shards.
     """
     shardings, abstract = abstract_sharded_state(init_fn, rng, mesh, rules)
+    return init_sharded(init_fn, rng, shardings), shardings, abstract
+
+
+def init_sharded(init_fn: Callable[[jax.Array], TrainState], rng: jax.Array, shardings: Any) -> Any:
+    """Runs `init_fn` with every leaf computed directly in its sharding (see
+    abstract_sharded_state); no device ever holds the whole state."""
     # The explicit out_shardings place every leaf; no mesh context is needed while tracing
     # (init's dummy batch of 2 need not be divisible by the batch axes).
-    state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
-    return state, shardings, abstract
+    return jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)

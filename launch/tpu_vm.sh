@@ -13,8 +13,15 @@
 #   bash launch/tpu_vm.sh logs    --name=NAME --zone=ZONE
 #   bash launch/tpu_vm.sh stop    --name=NAME --zone=ZONE      (keeps the disks; `start` resumes)
 #   bash launch/tpu_vm.sh delete  --name=NAME --zone=ZONE [--queued]
+#   bash launch/tpu_vm.sh keep-alive --name=NAME --zone=ZONE --type=v5litepod-64 [--queued] [--spot]
+#                                 --config=... --workdir=gs://... [--poll=300] [-- overrides]
 # train starts in the background on every worker (log: ~/cmae_train.log on each); running
-# it again after a preemption resumes from the newest checkpoint in the workdir.
+# it again after a preemption resumes from the newest checkpoint in the workdir. A SIGTERM
+# (what a spot VM gets before preemption) makes every worker save at the next step and exit.
+# keep-alive runs on your own machine until the run has finished (WORKDIR/results.json
+# exists): every --poll seconds it looks at the slice and, when it is gone or PREEMPTED,
+# deletes it, creates (or re-queues) it again, installs and starts train, which resumes.
+# With --dry_run it prints the commands of one such round and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +29,7 @@ source launch/flags.sh
 ACTION="${1:-}"
 [ $# -gt 0 ] && shift
 NAME="" ZONE="" TYPE="" VERSION="" PROJECT="" CONFIG="" WORKDIR="" QUEUED=0 SPOT=0 DRY_RUN=0
+POLL=300
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -35,6 +43,7 @@ while [ $# -gt 0 ]; do
     --queued) QUEUED=1 ;;
     --spot) SPOT=1 ;;
     --dry_run) DRY_RUN=1 ;;
+    --poll=*) POLL="${1#*=}" ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
     *) echo "Unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -135,6 +144,51 @@ cd ~/$REPO_DIR && setsid nohup python3 -m cmae_jax.main $ARGS > ~/cmae_train.log
     else
       run "${TPU[@]}" delete "$NAME" --zone="$ZONE" --quiet "${PROJECT_FLAG[@]}"
     fi
+    ;;
+  keep-alive)
+    require --name --zone --type --config --workdir
+    # The same flags for the actions this loop runs again.
+    SAME=(--name="$NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}")
+    CREATE=("${SAME[@]}" --type="$TYPE")
+    [ -n "$VERSION" ] && CREATE+=(--version="$VERSION")
+    [ "$QUEUED" = 1 ] && CREATE+=(--queued)
+    [ "$SPOT" = 1 ] && CREATE+=(--spot)
+    DELETE=("${SAME[@]}")
+    [ "$QUEUED" = 1 ] && DELETE+=(--queued)
+    TRAIN=("${SAME[@]}" --config="$CONFIG" --workdir="$WORKDIR")
+    DRY=()
+    [ "$DRY_RUN" = 1 ] && DRY=(--dry_run)
+    recreate() {
+      echo "Slice $NAME is ${1:-gone}: deleting, creating it again, installing, resuming."
+      bash "$0" delete "${DELETE[@]}" "${DRY[@]}" || true
+      bash "$0" create "${CREATE[@]}" "${DRY[@]}"
+      if [ "$DRY_RUN" = 0 ]; then
+        until [ "$(tpu_state)" = READY ]; do sleep 60; done
+      else
+        echo "+ (wait until the slice is READY)"
+      fi
+      bash "$0" install "${SAME[@]}" "${DRY[@]}"
+      bash "$0" train "${TRAIN[@]}" "${DRY[@]}" -- "${EXTRA[@]}"
+    }
+    tpu_state() {
+      "${TPU[@]}" describe "$NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}" \
+        --format='value(state)' 2>/dev/null || echo GONE
+    }
+    if [ "$DRY_RUN" = 1 ]; then
+      echo "One round of keep-alive after a preemption (--dry_run):"
+      recreate PREEMPTED
+      exit 0
+    fi
+    while ! gcloud storage ls "$WORKDIR/results.json" >/dev/null 2>&1; do
+      state="$(tpu_state)"
+      case "$state" in
+        READY) ;;
+        PREEMPTED|TERMINATED|GONE|"") recreate "$state" ;;
+        *) echo "Slice $NAME is $state; looking again in $POLL s." ;;
+      esac
+      sleep "$POLL"
+    done
+    echo "The run in $WORKDIR has finished (results.json)."
     ;;
   ""|-h|--help) usage; [ -n "$ACTION" ] && exit 0; exit 2 ;;
   *) echo "Unknown action: $ACTION" >&2; usage >&2; exit 2 ;;

@@ -234,6 +234,28 @@ def test_launch_scripts_print_their_commands():
     tpu = dry("tpu_vm.sh", "create", "--name=n", "--zone=z", "--type=v5litepod-64", "--queued")
     assert "queued-resources create n --node-id=n --zone=z --accelerator-type=v5litepod-64" in tpu
     assert "--runtime-version=v2-alpha-tpuv5-lite" in tpu
+    # keep-alive: one round after a preemption re-queues, reinstalls and resumes training.
+    keep = dry(
+        "tpu_vm.sh",
+        "keep-alive",
+        "--name=n",
+        "--zone=z",
+        "--type=v5litepod-64",
+        "--queued",
+        "--spot",
+        "--config=configs/cmae_vitl.py",
+        "--workdir=gs://b/w",
+    )
+    order = [
+        "queued-resources delete n --zone=z --force",
+        "queued-resources create n --node-id=n",
+        "(wait until the slice is READY)",
+        "the requirements and the package there",
+        "python3 -m cmae_jax.main --config=configs/cmae_vitl.py --workdir=gs://b/w",
+    ]
+    positions = [keep.find(fragment) for fragment in order]
+    assert -1 not in positions and positions == sorted(positions), keep
+    assert "--spot" in keep
     slurm = dry(
         "slurm_gpu.sh",
         "--nodes=4",

@@ -24,7 +24,6 @@ exactly (the data position is recorded as in pretraining).
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -34,11 +33,8 @@ import ml_collections
 import numpy as np
 import optax
 import tensorflow as tf
-from absl import logging
-from jax.sharding import Mesh
 
-from cmae_jax import checkpointing, optim, param_groups, sharding, train_cmae, train_state
-from cmae_jax.checkpointing import Checkpointer
+from cmae_jax import loop, optim, param_groups, train_state
 from cmae_jax.data import pipeline, sources, views
 from cmae_jax.evaluation import augment, features
 from cmae_jax.models import vit
@@ -157,13 +153,15 @@ def make_train_step(model: Classifier, tx, schedule, finetune_cfg, num_classes: 
 
 
 def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config the fine-tuning stream reads: config.input with the fine-tuning batch and
-    crop scale, no target shift."""
+    """The config fine-tuning trains with: config.input with the fine-tuning batch and crop
+    scale, no target shift; the fine-tuning length."""
     out = config.copy_and_resolve_references()
     with out.unlocked():
         out.input.global_batch_size = config.finetune.batch_size
         out.input.crop_scale = tuple(config.finetune.crop_scale)
         out.input.shift = 0
+        out.total_steps = config.finetune.total_steps
+        out.num_epochs = config.finetune.num_epochs
     return out
 
 
@@ -195,29 +193,28 @@ def train_view_fn(config: ml_collections.ConfigDict):
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
-    mesh: Mesh,
-    rules: Any,
+    encoder_params: Any,
     *,
-    init: str,
     writer: Any = None,
 ) -> dict[str, float]:
-    """Fine-tunes from the encoder at `init` ('' / 'random': from scratch), resuming from
+    """Fine-tunes the encoder `encoder_params` ({'encoder': ...}), resuming from
     WORKDIR/finetune; returns {'top1'} on config.dataset.eval_split."""
     ft = config.finetune
     config = finetune_config(config)
     num_classes = config.dataset.num_classes
-    batch_sharding = sharding.batch_sharding(mesh)
-
-    # ---------------------------------------------------------------- Input
-    train_source = sources.make_source(config.dataset, config.eval.train_split)
-    steps_per_epoch = pipeline.steps_per_epoch(train_source.num_examples, ft.batch_size)
-    total_steps = ft.total_steps or int(ft.num_epochs * steps_per_epoch)
+    run = loop.set_up(
+        config,
+        os.path.join(workdir, "finetune"),
+        method="finetune",
+        train_split=config.eval.train_split,
+        writer=writer,
+    )
 
     # ---------------------------------------------------------------- Model and optimiser
     encoder = features.build_encoder(config, drop_path=ft.drop_path)
     model = Classifier(encoder, num_classes, pooling=ft.pooling)
     schedule = optim.learning_rate_schedule(
-        ft.optimizer, ft.batch_size, steps_per_epoch, total_steps
+        ft.optimizer, ft.batch_size, run.steps_per_epoch, run.total_steps
     )
     tx = optax.chain(
         optim.adamw(ft.optimizer, schedule),
@@ -225,90 +222,42 @@ def train_and_evaluate(
     )
     size, channels = config.input.image_size, config.input.channels
 
-    def init_fn(rng):
+    def init_state(rng):
         params = model.init(rng, jnp.zeros((2, size, size, channels)), train=False)["params"]
         return train_state.TrainState(
             step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params)
         )
 
-    # ---------------------------------------------------------------- Sharding
-    state, state_shardings, abstract_state = train_state.create_sharded_state(
-        init_fn, jax.random.key(config.seed), mesh, rules
-    )
-    train_step = jax.jit(
-        make_train_step(model, tx, schedule, ft, num_classes, config.seed),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-
-    # ---------------------------------------------------------------- Checkpoint
-    ft_dir = os.path.join(workdir, "finetune")
-    checkpointer = Checkpointer(
-        ft_dir, keep=config.keep_checkpoints, save_every_steps=config.checkpoint_every_steps
-    )
-    start_step = 0
-    resumed = train_cmae.restore_latest(
-        checkpointer, abstract_state, config, steps_per_epoch, ft_dir
-    )
-    if resumed is not None:
-        state, start_step = resumed
-        logging.info("Fine-tuning resumed at step %d", start_step)
-    elif init not in ("", "random"):
-        loaded, _ = checkpointing.load_params(init, abstract_state.params)
-        state = jax.jit(
+    def start_fresh(state: train_state.TrainState, run: loop.Run) -> train_state.TrainState:
+        """The pretrained encoder replaces the fresh one; head and optimiser stay fresh."""
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        return jax.jit(
             lambda s, p: s.replace(params={**s.params, **p}),
-            out_shardings=state_shardings,
+            out_shardings=shardings,
             donate_argnums=0,
-        )(state, loaded)
+        )(state, encoder_params)
 
     # ---------------------------------------------------------------- Loop
-    local = pipeline.train_dataset(
-        config,
-        train_source,
-        start_step=start_step,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+    task = loop.Task(
+        init_state=init_state,
+        train_step=make_train_step(model, tx, schedule, ft, num_classes, config.seed),
+        batch_keys=("image", "label"),
         view_fn=train_view_fn(config),
-    ).as_numpy_iterator()
-    batches = sharding.prefetch_to_devices(
-        ({"image": b["image"], "label": b["label"]} for b in local), batch_sharding
+        start_fresh=start_fresh,
     )
-    logging.info("Fine-tuning: %d steps (%d per epoch)", total_steps, steps_per_epoch)
-    last_time, last_step = time.time(), start_step
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for step in range(start_step + 1, total_steps + 1):
-            state, metrics = train_step(state, next(batches))
-            if step % config.log_every_steps == 0 or step == total_steps:
-                metrics = {f"finetune/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                metrics["finetune/images_per_sec"] = (
-                    (step - last_step) * ft.batch_size / max(now - last_time, 1e-9)
-                )
-                last_time, last_step = now, step
-                if writer is not None:
-                    writer.write_scalars(step, metrics)
-                logging.info(
-                    "finetune step %d/%d | loss %.4f", step, total_steps, metrics["finetune/loss"]
-                )
-                if not np.isfinite(metrics["finetune/loss"]):
-                    raise FloatingPointError(f"Fine-tuning loss is not finite at step {step}.")
-            checkpointer.save(
-                step,
-                state,
-                train_cmae.data_position(config, step, steps_per_epoch),
-                force=step == total_steps,
-            )
-        checkpointer.close()
+    results = loop.train(run, task)
 
-        # ------------------------------------------------------------ Evaluation
-        predict = jax.jit(
-            lambda params, images: model.apply({"params": params}, images, train=False),
-            out_shardings=batch_sharding,
-        )
+    # ---------------------------------------------------------------- Evaluation
+    params = results["state"].params
+    batch_sharding = run.batch_sharding
+    predict = jax.jit(
+        lambda params, images: model.apply({"params": params}, images, train=False),
+        out_shardings=batch_sharding,
+    )
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
         logits, labels = features.features_of_split(
             config,
-            lambda images: predict(state.params, images),
+            lambda images: predict(params, images),
             sources.make_source(config.dataset, config.dataset.eval_split),
             batch_sharding,
         )

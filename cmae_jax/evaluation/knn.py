@@ -18,12 +18,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cmae_jax import sharding
-from cmae_jax.evaluation import features
 from cmae_jax.losses import l2_normalize
 
 
@@ -134,38 +132,7 @@ def knn_accuracy(
     return float(np.mean(predictions == np.asarray(query_labels)))
 
 
-def make_knn_evaluator(
-    feature_fn: Callable[[Any, jax.Array], jax.Array],
-    config: ml_collections.ConfigDict,
-    mesh: Mesh,
-    *,
-    subset: int = 0,
-) -> Callable[[Any], float]:
-    """params -> k-NN top-1 of `feature_fn(params, images)`: the train split (or `subset`
-    strided examples of it) as bank, the eval split (or `subset` of it) as queries.
-
-    The jitted feature function and the sources are built here once, so a trainer calls
-    the result every few thousand steps without compiling or loading anything again.
-    """
-    batch_sharding = sharding.batch_sharding(mesh)
-    apply = jax.jit(feature_fn, out_shardings=batch_sharding)
-    bank_source = features.split_source(config, config.eval.train_split, subset)
-    query_source = features.split_source(config, config.dataset.eval_split, subset)
-
-    def evaluate(params: Any) -> float:
-        fn = lambda images: apply(params, images)
-        bank, bank_labels = features.features_of_split(config, fn, bank_source, batch_sharding)
-        queries, query_labels = features.features_of_split(config, fn, query_source, batch_sharding)
-        return knn_accuracy(
-            bank,
-            bank_labels,
-            queries,
-            query_labels,
-            k=config.eval.knn_k,
-            temperature=config.eval.knn_temperature,
-            num_classes=config.dataset.num_classes,
-            chunk_size=config.eval.get("knn_chunk_size", 1024),
-            mesh=mesh,
-        )
-
-    return evaluate
+def feature_fn(model: Any) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
+    """(params, images) -> the frozen encoder's pooled features ({'cls', 'mean'}) of a
+    pretraining model (CMAE, MAE, MAE-CT: their `features` method), for k-NN evaluations."""
+    return lambda params, images: model.apply({"params": params}, images, method=model.features)

@@ -1,0 +1,385 @@
+"""Faults and recovery (README "Faults and recovery"): non-finite steps, rollbacks, damaged
+checkpoints, kill -9, SIGTERM, a lost process, bad start conditions."""
+
+import glob
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
+
+from cmae_jax import checkpointing, loop, sharding, train_cmae, train_state
+from cmae_jax import workdir as workdir_files
+
+# ---------------------------------------------------------------- The guard inside the step
+
+
+def test_non_finite_step_leaves_the_whole_state_unchanged(small_fashion_mnist):
+    config = tiny_config(small_fashion_mnist)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_axis_rules(())
+    model, tx, lr, momentum = train_cmae.make_model_and_optimizer(config, 16, 6)
+    state, shardings, _ = train_state.create_sharded_state(
+        train_cmae.make_init_state(model, tx, config), jax.random.key(0), mesh, rules
+    )
+    step = train_cmae.jit_train_step(model, config, tx, lr, momentum, shardings, mesh)
+    size, grid = config.input.image_size, config.input.image_size // config.input.patch_size
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.permutation(grid * grid) for _ in range(32)]).astype(np.int32)
+    batch = {
+        "online": rng.normal(size=(32, size, size, 1)).astype(np.float32),
+        "target": rng.normal(size=(32, size, size, 1)).astype(np.float32),
+        "ids_keep": np.sort(ids[:, :5], axis=1),
+        "ids_mask": np.sort(ids[:, 5:], axis=1),
+    }
+    with jax.set_mesh(mesh):
+        good, metrics = step(state, batch)
+        assert int(metrics["skipped_update"]) == 0
+        before = jax.device_get(good)
+        batch["online"][3, 0, 0, 0] = np.nan  # one pixel of one example
+        after, metrics = step(good, batch)
+    assert int(metrics["skipped_update"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(after)
+    assert int(after.step) == int(before.step) + 1
+    # Parameters, Adam moments, EMA target and BatchNorm statistics: bit for bit.
+    for part in ("params", "opt_state", "batch_stats"):
+        assert_trees_equal(getattr(after, part), getattr(before, part))
+
+
+def test_guard_counts_the_stop_request_of_any_process():
+    step = jax.jit(
+        loop.guarded_step(lambda s, b: (s, {"loss": b["x"].sum(), "grad_norm": jnp.ones([])}))
+    )
+    state = train_state.TrainState(
+        step=jnp.zeros([], jnp.int32), params={}, batch_stats={}, opt_state={}
+    )
+    _, metrics = step(state, {"x": jnp.ones([4]), "stop_requested": jnp.array([0, 0, 1, 0])})
+    assert int(metrics["stop_requested"]) == 1 and int(metrics["skipped_update"]) == 0
+
+
+# ---------------------------------------------------------------- NaNs end to end
+
+
+def guarded_config(idx, total_steps=8, **guard):
+    config = tiny_config(idx, total_steps=total_steps)
+    config.checkpoint_every_steps = 1
+    config.keep_checkpoints = 10
+    config.guard.update(guard)
+    return config
+
+
+def loss_rows(workdir):
+    """The training-step lines of metrics.jsonl (the progress reporter writes others)."""
+    return [row for row in workdir_files.read_metrics(workdir) if "loss" in row]
+
+
+def logged(workdir, key):
+    """{step: value} of the last line logged for each step in metrics.jsonl."""
+    return {int(row["step"]): row[key] for row in workdir_files.read_metrics(workdir) if key in row}
+
+
+def test_nan_batches_are_skipped_then_rolled_back(small_fashion_mnist, tmp_path):
+    # Batch 3 alone: skipped, training goes on. Batches 6 and 7: two in a row, so back to
+    # the checkpoint of step 5, continuing with batches 8, 9, ... (data offset 2).
+    config = guarded_config(
+        small_fashion_mnist, total_steps=9, poison_batches=(3, 6, 7), max_consecutive_skips=2
+    )
+    workdir = str(tmp_path)
+    results = train_cmae.train_and_evaluate(config, workdir)
+    assert results["complete"] and results["skipped_updates"] == 3 and results["rollbacks"] == 1
+    rows = loss_rows(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9]
+    assert [r["skipped_update"] for r in rows] == [0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0]
+    assert [r["skipped_updates"] for r in rows][-1] == 3
+    assert all(np.isfinite(r["loss"]) != r["skipped_update"] for r in rows)
+    # A skipped step's state is the one before it: no checkpoint was written for it.
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert 3 not in steps and {5, 9} <= set(steps)
+    state, position = restore_raw(workdir, 9)
+    assert position["next_step"] == 9 and position["data_offset"] == 2 and int(state["step"]) == 9
+    assert all(np.isfinite(v).all() for v in flat_arrays(state).values())
+
+
+def test_endless_nans_stop_with_a_clear_message(small_fashion_mnist, tmp_path):
+    config = guarded_config(
+        small_fashion_mnist,
+        poison_batches=tuple(range(4, 40)),
+        max_consecutive_skips=2,
+        max_rollbacks=1,
+    )
+    with pytest.raises(loop.NonFiniteError) as error:
+        train_cmae.train_and_evaluate(config, str(tmp_path))
+    message = str(error.value)
+    assert "Step 5" in message and "reconstruction_loss=nan" in message
+    assert "Last good checkpoint: step 3" in message and "max_rollbacks=1" in message
+
+
+# ---------------------------------------------------------------- Damaged checkpoints
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_previous(
+    small_fashion_mnist, tmp_path, caplog
+):
+    workdir = str(tmp_path / "run")
+    train_cmae.train_and_evaluate(tiny_config(small_fashion_mnist), workdir)
+    intact = str(tmp_path / "intact")
+    shutil.copytree(workdir, intact)
+    # Newest checkpoint (6): cut its largest data file in half.
+    files = glob.glob(f"{workdir}/checkpoints/6/state/**", recursive=True)
+    largest = max((f for f in files if os.path.isfile(f)), key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+    with caplog.at_level("WARNING"):
+        results = train_cmae.train_and_evaluate(tiny_config(small_fashion_mnist), workdir)
+    # Resumed from step 3 and ran 4..6 again, with the same result as the intact run.
+    assert [s for s, _ in results["history"]] == [4, 5, 6]
+    assert_trees_equal(restore_raw(workdir, 6)[0], restore_raw(intact, 6)[0])
+    # The damaged checkpoint is kept aside, whole, and the log says which and why.
+    set_aside = glob.glob(f"{workdir}/checkpoints/unreadable_6_*")
+    assert len(set_aside) == 1 and os.path.exists(set_aside[0] + largest[len(workdir) + 14 :])
+    assert any("unreadable" in r.getMessage() and "/6 " in r.getMessage() for r in caplog.records)
+
+
+def test_refused_starts_leave_the_workdir_as_it_was(small_fashion_mnist, tmp_path):
+    workdir = str(tmp_path)
+    train_cmae.train_and_evaluate(tiny_config(small_fashion_mnist, total_steps=3), workdir)
+    files = lambda: {
+        p: os.path.getmtime(p)
+        for p in glob.glob(f"{workdir}/**", recursive=True)
+        if os.path.isfile(p)
+    }
+    before = files()
+    # Another model: refused, not mistaken for a damaged checkpoint.
+    config = tiny_config(small_fashion_mnist, total_steps=6)
+    config.model.width = 48
+    with pytest.raises(checkpointing.StateMismatchError, match="other shapes"):
+        train_cmae.train_and_evaluate(config, workdir)
+    # Another method.
+    with pytest.raises(loop.StartError, match="method 'cmae'.*method is 'mae'"):
+        train_cmae.train_and_evaluate(tiny_config(small_fashion_mnist, method="mae"), workdir)
+    assert files() == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_start_refuses_an_unwritable_workdir(tmp_path):
+    os.chmod(tmp_path, 0o500)
+    with pytest.raises(loop.StartError, match="Cannot write to the workdir"):
+        loop.check_workdir(str(tmp_path / "run"), "cmae")
+
+
+def test_start_refuses_an_unwritable_workdir_as_root(tmp_path):
+    # A path below a regular file can never be created, whoever runs the test.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(loop.StartError, match="Cannot write to the workdir.*--workdir"):
+        loop.check_workdir(str(blocker / "run"), "cmae")
+
+
+def test_start_refuses_a_disk_too_small_for_one_checkpoint(tmp_path):
+    with pytest.raises(loop.StartError, match="needs .* GiB"):
+        loop.check_workdir(str(tmp_path), "cmae", needed_bytes=10**18)
+    loop.check_workdir(str(tmp_path), "cmae", needed_bytes=1000)
+
+
+# ---------------------------------------------------------------- Process faults (CLI)
+
+CONFIG_FILE = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_train import tiny_config
+
+def get_config():
+    config = tiny_config({idx!r}, total_steps={steps})
+    config.checkpoint_every_steps = 2
+    config.keep_checkpoints = 3
+    return config
+"""
+
+
+def cli(config_file, workdir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "cmae_jax.main",
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        *extra,
+    ]
+
+
+def run_until(command, condition, env=None, timeout=300):
+    """Starts `command`; kills it with SIGKILL once `condition()` holds. Returns whether it
+    was killed (False: it ended by itself first)."""
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if condition():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.001)
+    process.wait(timeout=max(deadline - time.time(), 1))
+    return False
+
+
+def newest_logged_step(workdir):
+    rows = loss_rows(workdir)
+    return rows[-1]["step"] if rows else 0
+
+
+def saving_now(workdir):
+    return bool(glob.glob(f"{workdir}/checkpoints/*orbax-checkpoint-tmp*"))
+
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def cli_setup(small_fashion_mnist, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    config_file = folder / "tiny.py"
+    config_file.write_text(
+        CONFIG_FILE.format(tests=os.path.join(REPO, "tests"), idx=small_fashion_mnist, steps=STEPS)
+    )
+    # One compilation for the seven starts of this module.
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(folder / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    reference = str(folder / "reference")
+    out = subprocess.run(cli(config_file, reference), cwd=REPO, env=env, capture_output=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return str(config_file), env, reference
+
+
+def assert_same_run(workdir, reference):
+    """Every logged loss (re-runs of a step included) and the final state equal the
+    uninterrupted run's, bit for bit."""
+    expected = logged(reference, "loss")
+    rows = loss_rows(workdir)
+    assert {r["step"] for r in rows} == set(range(1, STEPS + 1))
+    for row in rows:
+        assert row["loss"] == expected[row["step"]], row["step"]
+    assert_trees_equal(restore_raw(workdir, STEPS)[0], restore_raw(reference, STEPS)[0])
+
+
+def test_kills_and_sigterm_then_resume_equal_an_uninterrupted_run(cli_setup, tmp_path):
+    config_file, env, reference = cli_setup
+    workdir = str(tmp_path / "run")
+    command = cli(config_file, workdir)
+    first, third = sorted(random.Random(0).sample(range(3, STEPS - 8), 2))
+    # kill -9 at a random step.
+    assert run_until(command, lambda: newest_logged_step(workdir) >= first, env)
+    # kill -9 while a checkpoint is being written (its temporary folder exists).
+    resumed_at = newest_logged_step(workdir)
+    assert run_until(
+        command, lambda: newest_logged_step(workdir) > resumed_at and saving_now(workdir), env
+    )
+    assert saving_now(workdir), "the kill missed the checkpoint write"
+    # kill -9 at another random step, after the resumed run passed it.
+    target = max(third, newest_logged_step(workdir) + 2)
+    assert run_until(command, lambda: newest_logged_step(workdir) >= target, env)
+    # SIGTERM: a checkpoint at the next step, a clean exit and the message.
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    signalled_at = newest_logged_step(workdir) + 1
+    while newest_logged_step(workdir) < signalled_at and process.poll() is None:
+        time.sleep(0.001)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 0
+    last_line = stdout.strip().splitlines()[-1]
+    saved = int(last_line.split()[2].rstrip(";"))
+    assert last_line == f"saved step {saved}; run the same command to resume"
+    assert signalled_at <= saved < STEPS
+    assert restore_raw(workdir, saved)[1]["next_step"] == saved
+    # The last start runs to the end.
+    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_run(workdir, reference)
+
+
+MULTIHOST_CONFIG = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_multihost import multihost_config
+
+def get_config():
+    config = multihost_config({idx!r})
+    config.total_steps = 100000  # runs until killed
+    config.checkpoint_every_steps = 1000
+    return config
+"""
+
+
+def test_a_lost_process_ends_the_others_within_the_bound(small_fashion_mnist, tmp_path):
+    config_file = tmp_path / "multihost.py"
+    config_file.write_text(
+        MULTIHOST_CONFIG.format(tests=os.path.join(REPO, "tests"), idx=small_fashion_mnist)
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from test_multihost import XLA_FLAGS
+
+    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS)
+    workdir = str(tmp_path / "run")
+    processes = [
+        subprocess.Popen(
+            cli(
+                config_file,
+                workdir,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--heartbeat_timeout_seconds=10",
+            ),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 300
+        while newest_logged_step(workdir) < 3 and time.time() < deadline:
+            assert all(p.poll() is None for p in processes), processes[0].stderr.read()[-3000:]
+            time.sleep(0.01)
+        killed_at = time.time()
+        processes[1].send_signal(signal.SIGKILL)
+        _, stderr = processes[0].communicate(timeout=120)  # the bound: 10 s heartbeats
+        elapsed = time.time() - killed_at
+    finally:
+        for p in processes:
+            p.kill()
+    assert processes[0].returncode != 0
+    assert elapsed < 120
+    assert "Lost process 1" in stderr or ("unhealthy" in stderr and "1" in stderr), stderr[-3000:]
+
+
+def test_guard_defaults_are_documented():
+    from cmae_jax.config_defaults import base_config
+
+    guard = base_config().guard
+    assert guard.max_consecutive_skips >= 1 and guard.max_rollbacks >= 1
+    assert tuple(guard.poison_batches) == ()
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    assert "## Faults and recovery" in readme
+    for name in ("max_consecutive_skips", "max_rollbacks", "poison_batches"):
+        assert name in readme
