@@ -39,6 +39,7 @@ def test_every_protocol_from_the_command_line(tiny_run, small_fashion_mnist, tmp
         "finetune.batch_size": 32,
         "finetune.total_steps": 2,
         "finetune.randaugment_ops": 1,
+        "profile_steps": 1,
         "pictures.num_images": 4,
     }
     command = [
@@ -64,6 +65,8 @@ def test_every_protocol_from_the_command_line(tiny_run, small_fashion_mnist, tmp
         "finetune_top1",
     }
     assert expected <= set(results) and results["init"] == tiny_run
+    # Fine-tuning runs the shared training loop: it profiles like every trainer.
+    assert os.listdir(workdir / "finetune" / "profile" / "process_0")
     for key in expected:
         assert 0.0 <= results[key] <= 1.0, key
         if key != "knn_top1":

@@ -15,6 +15,7 @@ import pytest
 from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
 
 from cmae_jax import config_validation, nnclr, param_groups, train_maect
+from cmae_jax import workdir as workdir_files
 from cmae_jax.config_defaults import maect_config
 from cmae_jax.data import pipeline, sources
 from cmae_jax.models import maect as maect_model
@@ -319,6 +320,7 @@ def tiny_maect_config(idx_dir):
         stage.total_steps = 4
     config.checkpoint_every_steps = 1
     config.eval.knn = True
+    config.profile_steps = 1  # the last step of each stage
     return config
 
 
@@ -339,6 +341,12 @@ def test_staged_run_end_to_end(staged_run, capfd):
     for name in summary["stages"]:
         assert 0.1 < summary["stages"][name]["knn_top1"] <= 1.0
         assert os.path.isdir(os.path.join(workdir, name, "checkpoints"))
+        # The shared loop: every stage profiles and counts unreadable files.
+        assert os.listdir(os.path.join(workdir, name, "profile", "process_0"))
+        rows = workdir_files.read_metrics(os.path.join(workdir, name))
+        assert [r["skipped_files"] for r in rows if "loss" in r] == [0.0] * (
+            3 if name == "1_mae" else 4
+        )
     # Stage 2 leaves the encoder as stage 1 made it, so its k-NN is stage 1's.
     assert summary["stages"]["2_head"]["knn_top1"] == summary["stages"]["1_mae"]["knn_top1"]
     # A rerun finds every stage done: it trains nothing and prints the three results.
