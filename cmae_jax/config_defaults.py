@@ -15,6 +15,12 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.method = method  # 'cmae' or 'mae' (MAE = CMAE without the target branch).
     config.seed = 0
+    # Start pretraining from a checkpoint instead of random weights (a fresh optimiser): a
+    # run of this project or a published one (a .pth / .bin / .safetensors file or an HF
+    # folder of MAE, timm, HF ViTMAE, CMAE or MAE-CT; see README "Published checkpoints").
+    # The encoder must match config.model; decoders and heads load where the file has
+    # matching ones. '' = random initialisation.
+    config.init_from = ""
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "tfds"  # 'tfds', 'imagefolder' or 'fashion_mnist'
