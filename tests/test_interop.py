@@ -557,8 +557,12 @@ def test_config_validation_accepts_published_paths(layouts):
     maect.stages.head.init_from = paths["mae_encoder"]
     config_validation.validate(maect, num_devices=1, check_data=False)
     config.init_from = paths["mae_full"] + ".missing"
-    with pytest.raises(config_validation.ConfigError, match="config.init_from"):
+    with pytest.raises(config_validation.ConfigError, match="config.init_from.*No checkpoint"):
         config_validation.validate(config, num_devices=1, check_data=True)
+    evaluation = eval_config()
+    evaluation.init_from = paths["mae_full"]
+    with pytest.raises(config_validation.ConfigError, match="use config.init"):
+        config_validation.validate(evaluation, num_devices=1, check_data=False)
 
 
 def test_maect_stage_starts_from_official_weights(layouts):
@@ -593,7 +597,7 @@ def test_maect_stage_starts_from_official_weights(layouts):
 
 
 def test_convert_export_round_trip(hf_folder, inputs, tmp_path):
-    images, noise, _, _ = inputs
+    images = inputs[0]
     workdir = str(tmp_path / "converted")
     imported = convert.convert(hf_folder, workdir)
     abstract = abstract_of(tiny_cmae(contrastive=False))
@@ -607,16 +611,19 @@ def test_convert_export_round_trip(hf_folder, inputs, tmp_path):
     same_trees(import_checkpoint(hf_out).params, imported.params)
     _, info = transformers.ViTMAEForPreTraining.from_pretrained(hf_out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    encoder, info = transformers.ViTMAEModel.from_pretrained(hf_out, output_loading_info=True)
+    # As the README's snippet: no masking, and noise in grid order keeps the patches in order.
+    encoder, info = transformers.ViTMAEModel.from_pretrained(
+        hf_out, mask_ratio=0.0, output_loading_info=True
+    )
     assert not info["missing_keys"]
+    order = torch.arange(float(GRID * GRID)).expand(len(images), -1)
     with torch.no_grad():
-        hf_tokens = encoder.eval()(torch.from_numpy(images), noise=torch.from_numpy(noise))
-    order = hf_tokens.ids_restore.numpy().argsort(axis=1)[:, :NUM_KEEP]
+        hf_tokens = encoder.eval()(torch.from_numpy(images), noise=order).last_hidden_state
     x = jnp.asarray(images.transpose(0, 2, 3, 1))
     ours = vit.Encoder(WIDTH, DEPTH, HEADS, 4 * WIDTH, PATCH).apply(
-        {"params": imported.params["encoder"]}, x, jnp.asarray(order)
+        {"params": imported.params["encoder"]}, x
     )
-    close(ours.tokens, hf_tokens.last_hidden_state.numpy())
+    close(ours.tokens, hf_tokens.numpy())
 
     timm_out = str(tmp_path / "timm")
     export.export(workdir, "timm", timm_out)

@@ -100,6 +100,10 @@ def read_cmae(content: Any) -> TorchCheckpoint:
             )
         if inside:
             checkpoint.parts[name] = _submodel(inside, rules, f"{FORMAT} {prefix[:-1]}")
+    if "projector" in checkpoint.parts:
+        checkpoint.notes.append(
+            "the heads' BatchNorm eps is 1e-6 in the CMAE code (NonLinearNeck), 1e-5 here"
+        )
     if "pixel_decoder" not in checkpoint.parts:
         checkpoint.left_out.append("decoders and heads absent: encoder-only checkpoint")
         checkpoint.method = "mae"
