@@ -169,7 +169,12 @@ def find_checkpoint(path: str) -> epath.Path:
     `path` may be a workdir of any trainer here (its newest checkpoint; for a workdir of
     stage sub-folders such as MAE-CT's 1_mae, 2_head, 3_tune, that of the last stage, in
     name order, that has one), its checkpoints/ folder, or one step folder checkpoints/N.
+    A published checkpoint (file or model folder, see cmae_jax.interop) is its own path.
     """
+    from cmae_jax import interop
+
+    if interop.is_published_checkpoint(path):
+        return epath.Path(path)
     root = epath.Path(path)
     if (root / "state").exists():
         return root / "state"
@@ -196,12 +201,22 @@ def run_folder(state_dir: epath.Path) -> epath.Path:
 
 
 def run_config_json(path: str) -> dict[str, Any] | None:
-    """The config.json of the run that wrote the checkpoint `path` names, or None without one."""
+    """The config.json of the run that wrote the checkpoint `path` names, or None without one
+    (for a published checkpoint: the config its architecture implies)."""
+    from cmae_jax import interop
+
+    if interop.is_published_checkpoint(path):
+        return interop.run_config(path)
     return workdir_files.read_json(run_folder(find_checkpoint(path)), "config.json")
 
 
 def saved_structure(state_dir: epath.Path) -> Any:
-    """The tree of array metadata (shapes, dtypes) a checkpoint's state holds; reads no data."""
+    """The tree of array metadata (shapes, dtypes) a checkpoint's state holds; reads no data
+    (a published checkpoint, see cmae_jax.interop, is read whole)."""
+    from cmae_jax import interop
+
+    if interop.is_published_checkpoint(state_dir):
+        return interop.saved_structure(state_dir)
     return ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
 
 
@@ -250,7 +265,15 @@ def load_params(
     one differs, e.g. another config.model) and for each `optional` key whose saved params
     and BatchNorm statistics match `abstract_params` / `abstract_batch_stats`; nothing
     else is read. Leaves land in the shardings of the abstract trees (ShapeDtypeStructs).
+    `path` may also name a published checkpoint (cmae_jax.interop), read the same way.
     """
+    from cmae_jax import interop
+
+    if interop.is_published_checkpoint(path):
+        stats = abstract_batch_stats
+        return interop.load_params(
+            path, abstract_params, required=required, optional=optional, abstract_batch_stats=stats
+        )
     state_dir = find_checkpoint(path)
     saved = saved_structure(state_dir)
     saved_params, saved_stats = saved["params"], saved.get("batch_stats") or {}

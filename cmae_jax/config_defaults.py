@@ -15,6 +15,12 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.method = method  # 'cmae' or 'mae' (MAE = CMAE without the target branch).
     config.seed = 0
+    # Start pretraining from a checkpoint instead of random weights (a fresh optimiser): a
+    # run of this project or a published one (a .pth / .bin / .safetensors file or an HF
+    # folder of MAE, timm, HF ViTMAE, CMAE or MAE-CT; see README "Published checkpoints").
+    # The encoder must match config.model; decoders and heads load where the file has
+    # matching ones. '' = random initialisation.
+    config.init_from = ""
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "tfds"  # 'tfds', 'imagefolder' or 'fashion_mnist'
@@ -212,8 +218,9 @@ def eval_config(protocols: tuple[str, ...] = ("knn",)) -> ml_collections.ConfigD
     config = fashion_mnist_config("mae")
     config.method = "eval"
     # A workdir, checkpoints/ folder or step folder of any run here (CMAE, MAE, MAE-CT or a
-    # MAE-CT stage folder); '' or 'random': a randomly initialised encoder; 'pixels': raw
-    # pixels (the normalised image flattened).
+    # MAE-CT stage folder), or a published checkpoint (a .pth / .bin / .safetensors file or
+    # an HF folder: README "Published checkpoints"); '' or 'random': a randomly
+    # initialised encoder; 'pixels': raw pixels (the normalised image flattened).
     config.init = ""
     config.model_from_init = True
     # Any of 'knn', 'linear_probe', 'low_shot', 'clustering', 'finetune', 'pictures'.
@@ -321,9 +328,10 @@ def _contrastive_stage(
     layer_decay: float,
 ) -> ml_collections.ConfigDict:
     stage = ml_collections.ConfigDict()
-    # A workdir or checkpoint (step folder) of this project to take the encoder (and, from
-    # a MAE-CT stage, the heads) from; '' = the previous stage's sub-folder. Setting it
-    # skips the stages before this one.
+    # A workdir or checkpoint (step folder) of this project, or a published checkpoint
+    # (e.g. the official mae_pretrain_vit_base.pth), to take the encoder (and, from a MAE-CT
+    # stage, the heads) from; '' = the previous stage's sub-folder. Setting it skips the
+    # stages before this one.
     stage.init_from = ""
     stage.num_epochs = num_epochs
     stage.total_steps = 0  # > 0 overrides num_epochs

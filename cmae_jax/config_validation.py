@@ -116,6 +116,15 @@ def validate(
         "Set config.num_epochs or config.total_steps to a positive number.",
     )
 
+    if config.get("init_from"):
+        _require(
+            config.method in ("cmae", "mae"),
+            f"config.init_from={config.init_from!r} starts CMAE/MAE pretraining; for "
+            f"method={config.method!r} use "
+            + ("config.init." if config.method == "eval" else "config.stages.<stage>.init_from."),
+        )
+        if check_data:
+            _require_checkpoint(config.init_from, "config.init_from")
     if config.method == "maect":
         _validate_maect(config, num_devices, process_count, check_data)
     if config.method == "eval":
@@ -130,6 +139,19 @@ def validate(
             sources.check_source_available(config.dataset)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
+
+
+def _require_checkpoint(path: str, key: str) -> None:
+    """A checkpoint of this project or a published one (file, HF folder) exists at `path`."""
+    from cmae_jax.checkpointing import find_checkpoint
+
+    try:
+        find_checkpoint(path)
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"{key}: {e} Or give a published checkpoint: a .pth/.bin/.safetensors file or a "
+            "folder holding model.safetensors (README, 'Published checkpoints')."
+        ) from None
 
 
 def _validate_maect(
@@ -197,12 +219,7 @@ def _validate_maect(
                 "views_per_example >= 1.",
             )
         if check_data and stage.init_from:
-            from cmae_jax.checkpointing import find_checkpoint
-
-            try:
-                find_checkpoint(stage.init_from)
-            except FileNotFoundError as e:
-                raise ConfigError(f"{key}.init_from: {e}") from None
+            _require_checkpoint(stage.init_from, f"{key}.init_from")
 
 
 def _validate_eval(config: ml_collections.ConfigDict, num_devices: int, check_data: bool) -> None:
@@ -274,9 +291,4 @@ def _validate_eval(config: ml_collections.ConfigDict, num_devices: int, check_da
             "drop 'finetune' from config.protocols and set config.linear_probe.augment=False.",
         )
     elif config.init not in RANDOM_INIT and check_data:
-        from cmae_jax.checkpointing import find_checkpoint
-
-        try:
-            find_checkpoint(config.init)
-        except FileNotFoundError as e:
-            raise ConfigError(f"config.init: {e}") from None
+        _require_checkpoint(config.init, "config.init")

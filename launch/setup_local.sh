@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh Linux machine (or CI) for cmae_jax: the Fashion-MNIST IDX files from
-# Debian's dataset-fashion-mnist package, then the Python requirements and the package.
+# Debian's dataset-fashion-mnist package, then the Python requirements, the package and
+# what its tests need.
 # Usage: bash launch/setup_local.sh   (from the repository root; re-running is harmless)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ else
 fi
 
 PYTHON="${PYTHON:-python3}"
-"$PYTHON" -m pip install -q -r requirements.txt
-"$PYTHON" -m pip install -q --no-deps -e .
+# The runtime requirements (requirements.txt), this package in editable mode and the
+# test extra (pytest, notebook runner, torch + transformers for the parity tests).
+"$PYTHON" -m pip install -q -e ".[test]"
 echo "cmae_jax installed for $("$PYTHON" --version)"

@@ -558,6 +558,22 @@ def test_eval_dataset_sees_every_example_once():
     assert sorted(seen) == list(range(37))
 
 
+def test_grey_images_on_a_three_channel_encoder_repeat_the_grey_value():
+    """A 3-channel encoder (e.g. a published ImageNet one) on grey images: each channel is
+    the grey value normalised with that channel's mean and std (torchvision's Grayscale(3)
+    then Normalize)."""
+    config = make_config(channels=3, global_batch_size=8)
+    config.input.mean, config.input.std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    source = synthetic_source(num=8, channels=1)
+    (batch,) = list(pipeline.eval_dataset(config, source, batch_size=8).as_numpy_iterator())
+    grey = source.images[batch["index"]].astype(np.float32) / 255
+    expected = (grey - np.array(config.input.mean)) / np.array(config.input.std)
+    assert batch["image"].shape == (8, 16, 16, 3)
+    np.testing.assert_allclose(batch["image"], expected, atol=1e-4)
+    (train,) = take(pipeline.train_dataset(config, source, start_step=0), 1)
+    assert train["online"].shape[-1] == 3 and train["target"].shape[-1] == 3
+
+
 # ----------------------------------------------------------------------------- TFDS
 
 

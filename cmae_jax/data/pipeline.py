@@ -52,7 +52,12 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
 
 
 def normalize(images: Any, mean: Any, std: Any) -> Any:
-    """(images - mean) / std per channel; works on TF tensors, numpy and JAX arrays."""
+    """(images - mean) / std per channel; works on TF tensors, numpy and JAX arrays.
+
+    Grey images with three means and stds come out with three channels, the grey value
+    repeated (broadcasting), as torchvision's Grayscale(3) before Normalize: how grey
+    data (Fashion-MNIST) meets an encoder trained on RGB (config.input.channels=3).
+    """
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
     return (images - mean) / std
@@ -194,7 +199,8 @@ def _check_input(config: Any, source: Source) -> tuple[int, int]:
             f"config.input.image_size={inp.image_size} is not divisible by "
             f"config.input.patch_size={inp.patch_size}. Fix: make image_size a multiple of it."
         )
-    if source.channels != inp.channels:
+    grey_on_rgb = source.channels == 1 and inp.channels == 3  # repeated by `normalize`
+    if source.channels != inp.channels and not grey_on_rgb:
         raise ValueError(
             f"config.input.channels={inp.channels} but {source.name} has {source.channels} "
             f"channel(s). Fix: pass --config.input.channels={source.channels}."

@@ -191,8 +191,11 @@ RUN_INPUT_KEYS = ("image_size", "patch_size", "channels", "mean", "std", "eval_c
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with config.model and the RUN_INPUT_KEYS of config.input replaced by those of
-    the run that wrote the checkpoint at config.init (its config.json), when
-    config.model_from_init is set and init names a checkpoint; else `config` unchanged."""
+    the run that wrote the checkpoint at config.init (its config.json; for a published
+    checkpoint, what its shapes imply and ImageNet's normalisation), when
+    config.model_from_init is set and init names a checkpoint; else `config` unchanged.
+    A 3-channel encoder on a grey dataset sees the grey value repeated in each channel
+    (pipeline.normalize)."""
     if config.init in (*RANDOM_INIT, PIXELS) or not config.get("model_from_init", True):
         return config
     saved = checkpointing.run_config_json(config.init)
@@ -222,7 +225,8 @@ def load_encoder(
     sharded layout on `mesh` (default: config.mesh over all devices).
 
     `init`: a workdir, checkpoints/ folder or step folder of any run of this project (CMAE,
-    MAE, a MAE-CT workdir or stage folder); '' or 'random' for a randomly initialised
+    MAE, a MAE-CT workdir or stage folder) or a published checkpoint (cmae_jax.interop: a
+    file or HF folder); '' or 'random' for a randomly initialised
     encoder (seed config.seed); 'pixels' for raw pixels, (None, None). `config` must
     describe that encoder (see resolve_config).
     """
