@@ -312,7 +312,7 @@ def tiny_maect_config(idx_dir):
     config.maect.predictor_hidden = 32
     config.maect.projection_dim = 16
     config.maect.queue_size = 80  # 32-example batches wrap around in the 3rd step
-    config.maect.topk = 5
+    config.stages.tune.topk = 5  # stage 2 keeps the official 0 (the nearest neighbour)
     config.stages.tune.frozen_blocks = 1  # depth 2: stem and block_0 frozen
     for stage in (config.stages.head, config.stages.tune):
         stage.input.global_batch_size = 32
