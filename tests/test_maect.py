@@ -812,24 +812,68 @@ def test_maect_config_errors(small_fashion_mnist, tmp_path):
     config.stages.tune.frozen_blocks = 3
     with pytest.raises(config_validation.ConfigError, match="frozen_blocks=3"):
         config_validation.validate(config, num_devices=1)
+    config = tiny_maect_config(small_fashion_mnist)
+    config.stages.head.topk = -1
+    with pytest.raises(config_validation.ConfigError, match="head.topk=-1"):
+        config_validation.validate(config, num_devices=1)
+    config = tiny_maect_config(small_fashion_mnist)
+    config.stages.tune.published_encoder = "online"
+    with pytest.raises(config_validation.ConfigError, match="published_encoder='online'"):
+        config_validation.validate(config, num_devices=1)
+    config = tiny_maect_config(small_fashion_mnist)
+    with config.maect.unlocked():
+        config.maect.topk = 20  # the key before topk became per stage
+    with pytest.raises(config_validation.ConfigError, match="stages.head.topk"):
+        config_validation.validate(config, num_devices=1)
 
 
-def test_shipped_maect_configs_validate():
+# The official yamls (ml-jku/MAE-CT yamls/stage3_maect{,aug}_contrastive_tuning/*.yaml):
+# config, pooling, batch, stage-3 (epochs, temperature, top-k, head lr, projector EMA),
+# frozen blocks, patch.
+OFFICIAL_STAGE_THREE = (
+    ("maect_vitb", "mean", 1024, (20, 0.15, 20, 1e-4, 0.99), 6, 16),
+    ("maect_vitl", "cls", 1024, (20, 0.2, 20, 1e-4, 0.99), 12, 16),
+    ("maect_vith", "cls", 512, (30, 0.3, 20, 1e-4, 0.995), 16, 16),
+    ("maect_vith14", "cls", 512, (30, 0.3, 20, 1e-4, 0.995), 16, 14),
+    ("maect_vitb_aug", "mean", 1024, (80, 0.15, 10, 5e-4, 0.99), 6, 16),
+    ("maect_vitl_aug", "cls", 1024, (40, 0.15, 10, 5e-4, 0.99), 12, 16),
+    ("maect_vith_aug", "cls", 512, (40, 0.35, 20, 5e-4, 0.995), 16, 16),
+    ("maect_vith14_aug", "cls", 512, (40, 0.35, 20, 5e-4, 0.995), 16, 14),
+)
+
+
+@pytest.mark.parametrize("name,pooling,batch,tune_values,frozen,patch", OFFICIAL_STAGE_THREE)
+def test_shipped_maect_configs_are_the_official_recipe(
+    name, pooling, batch, tune_values, frozen, patch
+):
     import importlib
 
     sys.path.insert(0, REPO)
-    for name, pooling, tau, momentum, frozen in (
-        ("maect_vitb", "mean", 0.15, 0.99, 6),
-        ("maect_vitl", "cls", 0.2, 0.99, 12),
-        ("maect_vith", "cls", 0.3, 0.995, 16),
-    ):
-        config = importlib.import_module(f"configs.{name}").get_config()
-        config_validation.validate(config, num_devices=8, check_data=False)
-        tune = config.stages.tune
-        assert (config.maect.pooling, tune.temperature, tune.ema_momentum) == (
-            pooling,
-            tau,
-            momentum,
-        )
-        assert tune.frozen_blocks == frozen and tune.layer_decay == 0.65
-        assert config.stages.head.freeze_encoder and config.stages.head.ema_momentum == 0.0
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config_validation.validate(config, num_devices=8, check_data=False)
+    head, tune = config.stages.head, config.stages.tune
+    views = "two_crops_aug" if name.endswith("_aug") else "two_crops"
+    assert config.maect.pooling == config.eval.feature == pooling
+    assert config.input.patch_size == patch and config.maect.queue_size == 65536
+    # Stage 2 at every size and in both variants: the nearest neighbour, temperature 0.15,
+    # 20 epochs, head lr 1e-4, no projector EMA, the whole encoder frozen.
+    assert (head.topk, head.temperature, head.num_epochs) == (0, 0.15, 20)
+    assert head.head_optimizer.base_lr == 1e-4 and head.ema_momentum == 0.0
+    assert head.freeze_encoder and head.input.views == views
+    # Stage 3.
+    got = (
+        tune.num_epochs,
+        tune.temperature,
+        tune.topk,
+        tune.head_optimizer.base_lr,
+        tune.ema_momentum,
+    )
+    assert got == tune_values
+    assert tune.frozen_blocks == frozen and tune.layer_decay == 0.65
+    assert tune.optimizer.base_lr == 1e-4 and tune.optimizer.weight_decay == 0.05
+    assert tune.head_optimizer.weight_decay == 1e-5
+    assert tune.encoder_ema_momentum == 0.9999 and tune.published_encoder == "ema"
+    assert tune.input.views == views
+    assert head.input.global_batch_size == tune.input.global_batch_size == batch
+    for stage in (head, tune):
+        assert stage.optimizer.warmup_epochs == 0.2 * stage.num_epochs
