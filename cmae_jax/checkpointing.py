@@ -163,12 +163,22 @@ def restore_latest(
 # -------------------------------------------------------------------- Loading parts of a run
 
 
+# A step folder holds the train state in `state`; a finished run may also write there, in
+# `published`, the parameters it hands to readers in place of its train state (MAE-CT
+# stage 3: the EMA encoder); readers of other runs then take those.
+STATE = "state"
+PUBLISHED = "published"
+
+
 def find_checkpoint(path: str) -> epath.Path:
-    """The `state` folder of the checkpoint `path` names.
+    """The folder of parameters to read from the checkpoint `path` names: a step folder's
+    `published` parameters when the run wrote some, else its `state`.
 
     `path` may be a workdir of any trainer here (its newest checkpoint; for a workdir of
     stage sub-folders such as MAE-CT's 1_mae, 2_head, 3_tune, that of the last stage, in
-    name order, that has one), its checkpoints/ folder, or one step folder checkpoints/N.
+    name order, that has one), its checkpoints/ folder, one step folder checkpoints/N, or
+    one item of a step folder (checkpoints/N/state: the train state even where the run
+    published something else, e.g. MAE-CT's raw encoder).
     A published checkpoint (file or model folder, see cmae_jax.interop) is its own path.
     """
     from cmae_jax import interop
@@ -176,8 +186,10 @@ def find_checkpoint(path: str) -> epath.Path:
     if interop.is_published_checkpoint(path):
         return epath.Path(path)
     root = epath.Path(path)
-    if (root / "state").exists():
-        return root / "state"
+    if root.name in (STATE, PUBLISHED) and root.is_dir():
+        return root
+    if (root / STATE).exists():
+        return _readers_item(root)
     stage_folders = []
     if root.is_dir():
         stage_folders = sorted(
@@ -186,13 +198,31 @@ def find_checkpoint(path: str) -> epath.Path:
     for folder in (root / "checkpoints", root, *stage_folders):
         if folder.is_dir():
             steps = [int(c.name) for c in folder.iterdir() if c.name.isdigit()]
-            steps = [s for s in steps if (folder / str(s) / "state").exists()]
+            steps = [s for s in steps if (folder / str(s) / STATE).exists()]
             if steps:
-                return folder / str(max(steps)) / "state"
+                return _readers_item(folder / str(max(steps)))
     raise FileNotFoundError(
         f"No checkpoint of this project at {path}: give a workdir (e.g. a MAE run or a MAE-CT "
         "stage folder), its checkpoints/ folder or a step folder checkpoints/N."
     )
+
+
+def _readers_item(step_folder: epath.Path) -> epath.Path:
+    published = step_folder / PUBLISHED
+    return published if published.exists() else step_folder / STATE
+
+
+def publish(checkpoint_dir: epath.Path, step: int, tree: Any) -> None:
+    """Writes `tree` (e.g. {'params', 'batch_stats', ...}, laid out as the train state) as
+    what the run hands to readers: checkpoint_dir/<step>/published, which find_checkpoint
+    (and so load_params) then prefers to the step's train state. Every process calls it.
+    """
+    target = epath.Path(checkpoint_dir) / str(step) / PUBLISHED
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(target, tree, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    logging.info("Published %s", target)
 
 
 def run_folder(state_dir: epath.Path) -> epath.Path:
@@ -251,6 +281,18 @@ def restore_parts(state_dir: epath.Path, item: Any) -> Any:
     )
 
 
+def describe_encoder(encoder: dict) -> str:
+    """E.g. '12 blocks (scanned), 768 wide' for an encoder params tree (arrays or shapes)."""
+    if "blocks" in encoder:
+        depth = jax.tree.leaves(encoder["blocks"])[0].shape[0]
+        layout = "scanned"
+    else:
+        depth = sum(k.startswith("block_") for k in encoder)
+        layout = "unrolled"
+    width = encoder["cls"].shape[-1] if "cls" in encoder else "?"
+    return f"{depth} blocks ({layout}), {width} wide"
+
+
 def load_params(
     path: str,
     abstract_params: dict,
@@ -259,7 +301,9 @@ def load_params(
     optional: tuple[str, ...] = (),
     abstract_batch_stats: dict | None = None,
 ) -> tuple[dict, dict]:
-    """(params, batch_stats) of the checkpoint at `path` (see find_checkpoint), for a new run.
+    """(params, batch_stats) of the checkpoint at `path` (see find_checkpoint: a finished
+    run's published parameters where it wrote some, e.g. MAE-CT stage 3's EMA encoder), for
+    a new run.
 
     Restores params[key] for each `required` key (an error naming the shapes if the saved
     one differs, e.g. another config.model) and for each `optional` key whose saved params
@@ -282,12 +326,12 @@ def load_params(
         if not same_shapes(saved_params.get(key), abstract_params[key]):
             described = abstract_params[key]
             if key == "encoder":
-                blocks = sum(k.startswith("block_") for k in described)
-                described = f"{blocks} blocks, {described['cls'].shape[-1]} wide"
+                saved_form = describe_encoder(saved_params.get(key) or {})
+                described = f"{describe_encoder(described)}; the saved one: {saved_form}"
             raise ValueError(
                 f"The {key} in {state_dir} has other shapes than the one config.model "
                 f"describes ({described}); use the config.model that checkpoint was trained "
-                "with."
+                "with (config.model.scan_layers included)."
             )
     matching = [
         key

@@ -42,9 +42,12 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.input.patch_size = 16
     config.input.crop_scale = (0.2, 1.0)
     config.input.crop_ratio = (3 / 4, 4 / 3)
-    # Pixel shifting: the master crop is image_size + shift; the target view is offset by
-    # 0..shift pixels (SPEC: 256 px master, offsets 0..31).
+    # Pixel shifting: the target view is offset by 0..shift pixels within the master crop
+    # (SPEC: offsets 0..31 within a 256 px master). master_size 0 = image_size + shift + 1
+    # as the official code (RandomResizedCrop to 256, offsets randint(0, 31), so its last
+    # row and column are in no view); plain MAE resizes straight to image_size.
     config.input.shift = 31
+    config.input.master_size = 0
     config.input.flip = True
     config.input.target_view = method == "cmae"
     config.input.color_jitter = ml_collections.ConfigDict(
@@ -184,6 +187,9 @@ def fashion_mnist_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.input.channels = 1
     config.input.patch_size = 4
     config.input.shift = 4
+    # The demo's measured geometry (32 + 4: a 36 px master) rather than the official rule's
+    # 37; every view still fits.
+    config.input.master_size = 36
     config.input.mean = FASHION_MNIST_MEAN
     config.input.std = FASHION_MNIST_STD
     config.input.eval_crop_fraction = 1.0
@@ -291,13 +297,31 @@ def eval_config(protocols: tuple[str, ...] = ("knn",)) -> ml_collections.ConfigD
     return config
 
 
-# MAE-CT per encoder size (SPEC, MAE-CT, and the official stage-3 yamls): pooling,
-# stage-3 temperature and projector EMA momentum, stage-3 epochs, stage-2/3 global batch.
+# MAE-CT per encoder size, from the official yamls (ml-jku/MAE-CT, yamls/stage3_maect_
+# contrastive_tuning/{base16,large16,huge16,huge14}.yaml; H/14 has H/16's values): pooling,
+# stage-3 temperature, projector EMA momentum ("target_factor"), NN top-k and epochs, and
+# the global batch of stages 2 and 3.
 MAECT_SIZES = {
-    "B": dict(pooling="mean", temperature=0.15, ema_momentum=0.99, tune_epochs=20, batch=1024),
-    "L": dict(pooling="cls", temperature=0.2, ema_momentum=0.99, tune_epochs=20, batch=1024),
-    "H": dict(pooling="cls", temperature=0.3, ema_momentum=0.995, tune_epochs=30, batch=512),
+    "B": dict(
+        pooling="mean", temperature=0.15, ema_momentum=0.99, topk=20, tune_epochs=20, batch=1024
+    ),
+    "L": dict(
+        pooling="cls", temperature=0.2, ema_momentum=0.99, topk=20, tune_epochs=20, batch=1024
+    ),
+    "H": dict(
+        pooling="cls", temperature=0.3, ema_momentum=0.995, topk=20, tune_epochs=30, batch=512
+    ),
 }
+# What the "_aug" recipe changes besides the views: only stage 3, per size (yamls/stage3_
+# maectaug_contrastive_tuning/*.yaml; its stage-2 yamls equal the plain ones but for views).
+MAECT_AUG_SIZES = {
+    "B": dict(temperature=0.15, topk=10, tune_epochs=80, head_lr=5e-4),
+    "L": dict(temperature=0.15, topk=10, tune_epochs=40, head_lr=5e-4),
+    "H": dict(temperature=0.35, topk=20, tune_epochs=40, head_lr=5e-4),
+}
+# The official stage-3 runs keep an EMA of the whole encoder (their `ema_logger`,
+# target_factors [0.9999]); the released encoders and probes are those EMA weights.
+MAECT_ENCODER_EMA = 0.9999
 
 
 def _adamw(weight_decay: float, num_epochs: ml_collections.FieldReference):
@@ -322,23 +346,37 @@ def _contrastive_stage(
     num_epochs: int,
     batch: int,
     temperature: float,
+    topk: int,
     ema_momentum: float,
+    encoder_ema_momentum: float,
     freeze_encoder: bool,
     frozen_blocks: int,
     layer_decay: float,
+    views: str,
 ) -> ml_collections.ConfigDict:
     stage = ml_collections.ConfigDict()
     # A workdir or checkpoint (step folder) of this project, or a published checkpoint
     # (e.g. the official mae_pretrain_vit_base.pth), to take the encoder (and, from a MAE-CT
-    # stage, the heads) from; '' = the previous stage's sub-folder. Setting it skips the
-    # stages before this one.
+    # stage, the heads and the queue) from; '' = the previous stage's sub-folder. Setting it
+    # skips the stages before this one.
     stage.init_from = ""
     stage.num_epochs = num_epochs
     stage.total_steps = 0  # > 0 overrides num_epochs
     stage.temperature = temperature
+    # Nearest-neighbour lookup: 0 = the nearest queue entry (argmax), k >= 1 = one of the k
+    # nearest picked at random.
+    stage.topk = topk
     # EMA momentum of the projector copy that fills the queue; 0 = no copy, the queue takes
     # the online projector's outputs (the official stage 2).
     stage.ema_momentum = ema_momentum
+    # EMA momentum of the encoder (0 = none; the frozen part of the encoder is its own EMA).
+    # The EMA encoder is kept in the optimiser state, evaluated beside the raw one at the
+    # end of the stage, and published for readers (see published_encoder).
+    stage.encoder_ema_momentum = encoder_ema_momentum
+    # The encoder a finished stage with an encoder EMA hands to later stages, evaluations
+    # and exports (checkpointing.load_params): 'ema' (the official released weights) or
+    # 'raw' (the trained weights themselves).
+    stage.published_encoder = "ema"
     stage.freeze_encoder = freeze_encoder  # the whole encoder (stage 2)
     stage.frozen_blocks = frozen_blocks  # else: patch embedding, cls token and these blocks
     stage.layer_decay = layer_decay  # block i (1-based) gets layer_decay ** (depth + 1 - i)
@@ -346,7 +384,7 @@ def _contrastive_stage(
     stage.input = ml_collections.ConfigDict(
         dict(
             global_batch_size=batch,
-            views="two_crops",  # 'two_crops_aug': the "_aug" variant (BYOL colour ops)
+            views=views,  # 'two_crops', or 'two_crops_aug': the "_aug" views (BYOL colour ops)
             crop_scale=(0.08, 1.0),
             view_augment=dict(
                 color_jitter=dict(prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
@@ -363,16 +401,22 @@ def _contrastive_stage(
     return stage
 
 
-def maect_config(config: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
-    """Turns a MAE config (stage 1) into the staged MAE-CT recipe with SPEC's numbers.
+def maect_config(
+    config: ml_collections.ConfigDict, size: str, *, aug: bool = False
+) -> ml_collections.ConfigDict:
+    """Turns a MAE config (stage 1) into the staged MAE-CT recipe of the official yamls.
 
-    `size` ('B', 'L' or 'H') picks the per-size numbers of MAECT_SIZES; the top-level keys
-    stay stage 1's (the MAE trainer reads them), config.stages.head / .tune hold stage 2
-    (NNCLR head on the frozen encoder) and stage 3 (contrastive tuning).
+    `size` ('B', 'L' or 'H') picks the per-size numbers of MAECT_SIZES, `aug` the
+    "MAE-CT_aug" recipe (its views in stages 2 and 3 and MAECT_AUG_SIZES in stage 3). The
+    top-level keys stay stage 1's (the MAE trainer reads them), config.stages.head / .tune
+    hold stage 2 (NNCLR head on the frozen encoder) and stage 3 (contrastive tuning).
     """
     from cmae_jax.models import vit
 
-    sizes = MAECT_SIZES[size]
+    sizes = dict(MAECT_SIZES[size], head_lr=1e-4)
+    if aug:
+        sizes.update(MAECT_AUG_SIZES[size])
+    views = "two_crops_aug" if aug else "two_crops"
     depth = vit.parse_variant(config.model.variant)["depth"]
     config.method = "maect"
     config.maect = ml_collections.ConfigDict(
@@ -382,29 +426,36 @@ def maect_config(config: ml_collections.ConfigDict, size: str) -> ml_collections
             predictor_hidden=4096,
             projection_dim=256,
             queue_size=65536,
-            topk=20,
         )
     )
     config.stages = ml_collections.ConfigDict()
-    # Stage 2 as the official code: temperature 0.15 at every size, no projector EMA.
+    # Stage 2 as the official code: temperature 0.15 and the nearest neighbour (its head's
+    # default topk 0) at every size, no projector EMA, 20 epochs.
     config.stages.head = _contrastive_stage(
         num_epochs=20,
         batch=sizes["batch"],
         temperature=0.15,
+        topk=0,
         ema_momentum=0.0,
+        encoder_ema_momentum=0.0,  # the encoder is frozen: it is its own EMA
         freeze_encoder=True,
         frozen_blocks=0,  # not read while the whole encoder is frozen
         layer_decay=1.0,
+        views=views,
     )
     config.stages.tune = _contrastive_stage(
         num_epochs=sizes["tune_epochs"],
         batch=sizes["batch"],
         temperature=sizes["temperature"],
+        topk=sizes["topk"],
         ema_momentum=sizes["ema_momentum"],
+        encoder_ema_momentum=MAECT_ENCODER_EMA,
         freeze_encoder=False,
         frozen_blocks=depth // 2,
         layer_decay=0.65,
+        views=views,
     )
+    config.stages.tune.head_optimizer.base_lr = sizes["head_lr"]
     config.eval.feature = sizes["pooling"]
     return config
 
@@ -428,4 +479,8 @@ def fashion_mnist_maect_config() -> ml_collections.ConfigDict:
     config.stages.head.head_optimizer.base_lr = 5e-4
     config.stages.tune.head_optimizer.base_lr = 5e-4
     config.stages.tune.optimizer.base_lr = 2.5e-4
+    # The official 0.9999 averages over 10,000 steps, 40% of ViT-B's 25,020 tuning steps;
+    # 0.995 (200 steps) keeps that share of this stage's 468 (0.9999 would leave the EMA
+    # encoder within 5% of where stage 3 started).
+    config.stages.tune.encoder_ema_momentum = 0.995
     return config

@@ -56,6 +56,13 @@ def validate(
     _require(
         inp.shift >= 0, f"config.input.shift={inp.shift} must be >= 0 (pixels of target offset)."
     )
+    master = inp.get("master_size") or 0
+    _require(
+        master == 0 or master >= inp.image_size + inp.shift,
+        f"config.input.master_size={master} cannot hold a {inp.image_size} px view shifted by "
+        f"up to {inp.shift} px; use 0 (image_size + shift + 1, the official 256 at 224 px) or "
+        f"at least {inp.image_size + inp.shift}.",
+    )
     _require(
         len(inp.mean) == inp.channels and len(inp.std) == inp.channels,
         f"config.input.mean/std have {len(inp.mean)}/{len(inp.std)} values for "
@@ -165,10 +172,10 @@ def _validate_maect(
         m.pooling in maect_model.POOLINGS,
         f"config.maect.pooling={m.pooling!r} is not one of {', '.join(maect_model.POOLINGS)}.",
     )
-    _require(m.topk >= 1, f"config.maect.topk={m.topk} must be >= 1 (SPEC: 20).")
     _require(
-        m.queue_size >= m.topk,
-        f"config.maect.queue_size={m.queue_size} must be at least config.maect.topk={m.topk}.",
+        "topk" not in m,
+        "config.maect.topk is now per stage: set config.stages.head.topk (official: 0, the "
+        "nearest neighbour) and config.stages.tune.topk (official: 20, or 10 for _aug B/L).",
     )
     depth = maect_model.build_model(config.model, config.input, m).depth
     for name in ("head", "tune"):
@@ -195,6 +202,20 @@ def _validate_maect(
             "0 < low <= high <= 1, e.g. (0.08, 1.0).",
         )
         _require(stage.temperature > 0, f"{key}.temperature={stage.temperature} must be > 0.")
+        _require(
+            0 <= stage.topk <= m.queue_size,
+            f"{key}.topk={stage.topk} must lie in [0, config.maect.queue_size={m.queue_size}] "
+            "(0: the nearest neighbour, as the official stage 2; k: one of the k nearest).",
+        )
+        _require(
+            0.0 <= stage.encoder_ema_momentum < 1.0,
+            f"{key}.encoder_ema_momentum={stage.encoder_ema_momentum} must lie in [0, 1) "
+            "(0: no encoder EMA; the official stage 3: 0.9999).",
+        )
+        _require(
+            stage.published_encoder in ("ema", "raw"),
+            f"{key}.published_encoder={stage.published_encoder!r} must be 'ema' or 'raw'.",
+        )
         _require(
             0.0 <= stage.ema_momentum < 1.0,
             f"{key}.ema_momentum={stage.ema_momentum} must lie in [0, 1) (0: no EMA projector).",

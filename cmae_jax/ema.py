@@ -60,9 +60,18 @@ def ema_target(momentum: optax.Schedule, keys: Sequence[str]) -> optax.GradientT
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def target_params(opt_state: Any) -> Any:
-    """The EMA target parameters held in an optimiser state chain."""
-    target = optax.tree_utils.tree_get(opt_state, "target")
-    if target is None:
+def target_params(opt_state: Any) -> dict:
+    """The EMA target parameters held in an optimiser state chain, keyed by the top-level
+    params keys they copy (several `ema_target`s in one chain, e.g. MAE-CT's projector and
+    encoder EMAs with their own momenta, are merged)."""
+    targets: dict = {}
+    states = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaTargetState))
+    for state in states:
+        if isinstance(state, EmaTargetState):
+            overlap = set(targets) & set(state.target)
+            if overlap:
+                raise ValueError(f"Two EMA targets in one optimiser state copy {sorted(overlap)}.")
+            targets.update(state.target)
+    if not targets:
         raise ValueError("This optimiser state has no EMA target (contrastive branch is off).")
-    return target
+    return targets

@@ -178,7 +178,7 @@ class Task:
     start_fresh    (state, run) -> state when no checkpoint exists (e.g. load an encoder)
     log_line       metrics -> the trainer's part of the progress line
     embed          (params, images) -> pooled features, for k-NN evaluations (None: none)
-    evaluated      state -> {metric prefix: params} to evaluate with `embed`
+    evaluated      state -> {metric suffix: params} to evaluate with `embed`
     on_log_step    (step, state) -> None at every image_every_steps and the last step
     """
 
@@ -361,7 +361,7 @@ def train(run: Run, task: Task, *, stop_at_step: int | None = None) -> dict[str,
     `stop_at_step` ends the run after saving a checkpoint at that step, as a preemption
     would (the schedules still span all steps). Returns 'history' ((step, loss) of every
     logged step), 'complete', 'preempted', 'skipped_updates', 'rollbacks' and, for a
-    complete run with config.eval.knn, '<prefix>knn_top1' per `task.evaluated` entry.
+    complete run with config.eval.knn, 'knn_top1<suffix>' per `task.evaluated` entry.
     """
     config, mesh = run.config, run.mesh
     guard = config.guard
@@ -531,8 +531,8 @@ def train(run: Run, task: Task, *, stop_at_step: int | None = None) -> dict[str,
                 ):
                     task.on_picture_step(step, state)
                 if periodic is not None and step % every == 0:
-                    for prefix, params in task.evaluated(state).items():
-                        periodic(step, params, prefix)
+                    for suffix, params in task.evaluated(state).items():
+                        periodic(step, params, suffix)
             checkpointer.wait()
         except (jax.errors.JaxRuntimeError, ValueError) as error:
             if multiprocess and _is_collective_failure(error):
@@ -550,14 +550,14 @@ def train(run: Run, task: Task, *, stop_at_step: int | None = None) -> dict[str,
         }
         if results["complete"] and config.eval.knn and task.embed is not None:
             knn = protocols.make("knn", protocols.Context.for_training(config, mesh, task.embed))
-            for prefix, params in task.evaluated(state).items():
+            for suffix, params in task.evaluated(state).items():
                 start = time.time()
                 top1 = knn(params)["knn_top1"]
-                results[f"{prefix}knn_top1"] = top1
-                writer.write_scalars(run.total_steps, {f"{prefix}knn_top1": top1})
+                results[f"knn_top1{suffix}"] = top1
+                writer.write_scalars(run.total_steps, {f"knn_top1{suffix}": top1})
                 logging.info(
-                    "%sk-NN (k=%d) top-1 %.4f in %.0f s",
-                    prefix,
+                    "k-NN%s (k=%d) top-1 %.4f in %.0f s",
+                    suffix,
                     config.eval.knn_k,
                     top1,
                     time.time() - start,

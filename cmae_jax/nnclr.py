@@ -1,4 +1,8 @@
-"""NNCLR pieces of MAE-CT: the FIFO queue, the top-k nearest-neighbour lookup and the loss.
+"""NNCLR pieces of MAE-CT: the FIFO queue, the nearest-neighbour lookup and the loss.
+
+The lookup has the official head's two modes (its `topk`): k = 0 takes the single nearest
+neighbour (argmax, stage 2), k >= 1 one of the k nearest picked uniformly at random
+(stage 3).
 
 Everything here is written on *global* arrays: under jax.jit with the batch sharded over
 devices, `keys` in `enqueue` is the whole global batch (the compiler gathers it onto every
@@ -14,7 +18,8 @@ small datasets, where the queue holds a good part of an epoch, it would otherwis
 the nearest neighbour and turn the NN swap into a plain positive pair.
 
 Empty rows. The official code starts the queue with random unit vectors that serve as
-(meaningless) neighbours until real keys overwrite them. Here the queue starts empty and
+(meaningless) neighbours until real keys overwrite them. Here stage 2's queue starts empty
+(stage 3 takes over stage 2's queue, as the official code restores the head's buffers) and
 only written rows are candidates; while fewer than k candidates exist the random pick is
 among those, and with none at all (the very first step) a sample's neighbour is its own
 key, which makes that step an ordinary two-view contrastive step.
@@ -84,23 +89,31 @@ def candidate_mask(queue: Queue, ids: jax.Array) -> jax.Array:
 
 
 def nearest_neighbours(
-    queue: Queue, queries: jax.Array, ids: jax.Array, rng: jax.Array, k: int
+    queue: Queue, queries: jax.Array, ids: jax.Array, rng: jax.Array | None, k: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One of the top-k cosine neighbours of each normalised query, picked uniformly.
+    """The cosine neighbour of each normalised query among the candidate rows of the queue.
 
+    k = 0: the nearest one (argmax; `rng` is not used). k >= 1: one of the k nearest,
+    picked uniformly with `rng` (among fewer while fewer candidates exist).
     Returns (neighbours [B, D], rows [B] int32 queue rows, found [B] bool). Where no
     candidate exists (`found` False) the neighbour is the query itself and the row is
     meaningless.
     """
-    k = min(k, queue.keys.shape[0])
+    if k < 0:
+        raise ValueError(f"topk={k} must be >= 0 (0: the nearest neighbour).")
     queries = jax.lax.stop_gradient(queries)
     candidates = candidate_mask(queue, ids)
     sims = jnp.where(candidates, queries @ queue.keys.T, -jnp.inf)
-    _, top_rows = jax.lax.top_k(sims, k)  # valid candidates come first (the rest are -inf)
-    num_valid = jnp.minimum(candidates.sum(axis=1), k)
-    pick = jax.random.randint(rng, num_valid.shape, 0, jnp.maximum(num_valid, 1))
-    rows = jnp.take_along_axis(top_rows, pick[:, None], axis=1)[:, 0].astype(jnp.int32)
-    found = num_valid > 0
+    if k == 0:
+        rows = jnp.argmax(sims, axis=1).astype(jnp.int32)
+        found = candidates.any(axis=1)
+    else:
+        k = min(k, queue.keys.shape[0])
+        _, top_rows = jax.lax.top_k(sims, k)  # valid candidates come first (the rest -inf)
+        num_valid = jnp.minimum(candidates.sum(axis=1), k)
+        pick = jax.random.randint(rng, num_valid.shape, 0, jnp.maximum(num_valid, 1))
+        rows = jnp.take_along_axis(top_rows, pick[:, None], axis=1)[:, 0].astype(jnp.int32)
+        found = num_valid > 0
     neighbours = jnp.where(found[:, None], queue.keys[rows], queries)
     return neighbours, rows, found
 

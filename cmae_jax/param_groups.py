@@ -10,6 +10,12 @@ Layer-wise lr decay as BEiT / MAE fine-tuning / MAE-CT (depth + 2 "layers"): the
 and everything outside the encoder layer depth + 1; layer i gets decay ** (depth + 1 - i).
 So the last block already runs at `decay` times the base lr and the final norm and heads
 at the base lr.
+
+Both work on either block layout of the encoder: unrolled (block_0 .. block_{depth-1}) or
+scanned (config.model.scan_layers: one 'blocks' subtree whose leaves are stacked along a
+leading layers axis, row j being block j). A scanned leaf is split by rows: its first
+`frozen_blocks` rows are frozen, the others train, so the trainable tree holds the last
+rows of each stacked leaf; the lr multiplier of a stacked leaf is a vector over its rows.
 """
 
 from __future__ import annotations
@@ -19,12 +25,16 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
 _BLOCK = re.compile(r"block_(\d+)")
 # The encoder's stem: frozen whenever any block is, and layer 0 of the lr decay.
 STEM_KEYS = ("embedding", "cls")
+# The scanned blocks' subtree (models.vit.block_stack with scan).
+SCANNED_BLOCKS = "blocks"
 
 
 def _is_box(x: Any) -> bool:
@@ -35,8 +45,13 @@ def _keys(path: tuple) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in path)
 
 
+def is_scanned_blocks(keys: tuple[str, ...]) -> bool:
+    """Whether the parameter at `keys` is a stacked leaf of the encoder's scanned blocks."""
+    return len(keys) >= 2 and keys[0] == "encoder" and keys[1] == SCANNED_BLOCKS
+
+
 def encoder_layer(keys: tuple[str, ...], depth: int) -> int:
-    """Layer id of a parameter path: 0 stem, j + 1 for block_j, depth + 1 for the rest."""
+    """Layer id of an unstacked parameter path: 0 stem, j + 1 for block_j, depth + 1 else."""
     if len(keys) >= 2 and keys[0] == "encoder":
         if keys[1] in STEM_KEYS:
             return 0
@@ -46,16 +61,28 @@ def encoder_layer(keys: tuple[str, ...], depth: int) -> int:
     return depth + 1
 
 
-def lr_multiplier(keys: tuple[str, ...], depth: int, decay: float) -> float:
-    """decay ** (depth + 1 - layer) for the parameter at `keys` (a path of dict keys)."""
+def lr_multiplier(
+    keys: tuple[str, ...], depth: int, decay: float, rows: int | None = None
+) -> float | np.ndarray:
+    """decay ** (depth + 1 - layer) for the parameter at `keys` (a path of dict keys).
+
+    For a stacked leaf of the scanned blocks with `rows` rows (the last `rows` blocks, as
+    `split` leaves them; all depth when None): a [rows] vector, row r being block
+    depth - rows + r.
+    """
+    if is_scanned_blocks(keys):
+        rows = depth if rows is None else rows
+        layers = np.arange(depth - rows, depth) + 1
+        return decay ** (depth + 1 - layers).astype(np.float64)
     return float(decay ** (depth + 1 - encoder_layer(keys, depth)))
 
 
-def lr_multipliers(params: Any, depth: int, decay: float) -> Any:
-    """A tree of floats over `params`: each leaf's layer-wise lr multiplier."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: lr_multiplier(_keys(path), depth, decay), params, is_leaf=_is_box
-    )
+def _scale(keys: tuple[str, ...], update: jax.Array, depth: int, decay: float) -> jax.Array:
+    if is_scanned_blocks(keys):
+        rows = update.shape[0]
+        factor = lr_multiplier(keys, depth, decay, rows).reshape((rows,) + (1,) * (update.ndim - 1))
+        return update * jnp.asarray(factor, update.dtype)
+    return update * lr_multiplier(keys, depth, decay)
 
 
 def scale_by_layer_decay(depth: int, decay: float) -> optax.GradientTransformation:
@@ -70,14 +97,14 @@ def scale_by_layer_decay(depth: int, decay: float) -> optax.GradientTransformati
     def scale(updates, params=None):
         del params
         return jax.tree_util.tree_map_with_path(
-            lambda path, u: u * lr_multiplier(_keys(path), depth, decay), updates
+            lambda path, u: _scale(_keys(path), u, depth, decay), updates
         )
 
     return optax.stateless(scale)
 
 
 def is_frozen(keys: tuple[str, ...], *, freeze_encoder: bool, frozen_blocks: int) -> bool:
-    """Whether the parameter at `keys` is frozen.
+    """Whether the (unstacked) parameter at `keys` is frozen.
 
     `freeze_encoder`: the whole encoder (final norm included). Otherwise `frozen_blocks` > 0
     freezes the stem (patch embedding, cls token) and blocks 0 .. frozen_blocks - 1.
@@ -94,31 +121,49 @@ def is_frozen(keys: tuple[str, ...], *, freeze_encoder: bool, frozen_blocks: int
     return match is not None and int(match.group(1)) < frozen_blocks
 
 
-def trainable_mask(params: Any, *, freeze_encoder: bool, frozen_blocks: int) -> Any:
-    """A tree of bools over `params`: True where the parameter trains."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: (
-            not is_frozen(_keys(path), freeze_encoder=freeze_encoder, frozen_blocks=frozen_blocks)
-        ),
-        params,
-        is_leaf=_is_box,
-    )
+def _leading_rows(leaf: Any) -> int:
+    value = leaf.value if _is_box(leaf) else leaf
+    return value.shape[0]
+
+
+def _take_rows(leaf: Any, rows: slice) -> Any:
+    """Rows of a stacked leaf: an array, a ShapeDtypeStruct or a logically boxed value."""
+    if _is_box(leaf):
+        return leaf.replace_boxed(_take_rows(leaf.value, rows))
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        count = len(range(*rows.indices(leaf.shape[0])))
+        return jax.ShapeDtypeStruct(
+            (count, *leaf.shape[1:]), leaf.dtype, sharding=getattr(leaf, "sharding", None)
+        )
+    return leaf[rows]
 
 
 def split(params: dict, *, freeze_encoder: bool, frozen_blocks: int) -> tuple[dict, dict]:
-    """(trainable, frozen): two nested dicts holding the leaves of each kind, nothing else."""
+    """(trainable, frozen): two nested dicts holding the leaves of each kind, nothing else.
+
+    A stacked leaf of the scanned blocks is cut by rows: rows 0 .. frozen_blocks - 1 in
+    `frozen`, the rest in `trainable` (a side that gets no rows does not hold the leaf).
+    """
     flat = traverse_util.flatten_dict(params)
     trainable, frozen = {}, {}
     for keys, leaf in flat.items():
-        frozen_leaf = is_frozen(
-            tuple(str(k) for k in keys), freeze_encoder=freeze_encoder, frozen_blocks=frozen_blocks
-        )
+        names = tuple(str(k) for k in keys)
+        if is_scanned_blocks(names) and not freeze_encoder:
+            cut = min(max(frozen_blocks, 0), _leading_rows(leaf))
+            if cut:
+                frozen[keys] = _take_rows(leaf, slice(None, cut))
+            if cut < _leading_rows(leaf):
+                trainable[keys] = _take_rows(leaf, slice(cut, None))
+            continue
+        frozen_leaf = is_frozen(names, freeze_encoder=freeze_encoder, frozen_blocks=frozen_blocks)
         (frozen if frozen_leaf else trainable)[keys] = leaf
     return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
 
 
 def merge(trainable: dict, frozen: dict) -> dict:
-    """Inverse of `split`: one nested dict with the leaves of both."""
-    flat = traverse_util.flatten_dict(trainable)
-    flat.update(traverse_util.flatten_dict(frozen))
+    """Inverse of `split`: one nested dict with the leaves of both (stacked leaves that
+    `split` cut by rows are joined again, frozen rows first)."""
+    flat = traverse_util.flatten_dict(frozen)
+    for keys, leaf in traverse_util.flatten_dict(trainable).items():
+        flat[keys] = jnp.concatenate([flat[keys], leaf]) if keys in flat else leaf
     return traverse_util.unflatten_dict(flat)

@@ -8,19 +8,28 @@ workdir and each resumable on its own:
   2_head  NNCLR projector + predictor on the frozen encoder (config.stages.head).
   3_tune  Contrastive tuning: the encoder's upper half and the heads (config.stages.tune).
 
-Each stage's encoder initialises the next (stage 3 also takes stage 2's heads, and its EMA
-projector starts as a copy of the loaded projector, as the official code does). A stage
-whose `init_from` names a checkpoint of this project starts from there instead, and the
-stages before it are skipped. A finished stage is recorded in WORKDIR/results.json and not
-run again. After each stage the k-NN top-1 of its encoder is printed as
-`k-NN top-1: NN.NN%`.
+Each stage's encoder initialises the next (stage 3 also takes stage 2's heads with their
+BatchNorm statistics and its queue, and its EMA projector starts as a copy of the loaded
+projector, as the official code does). A stage whose `init_from` names a checkpoint of this
+project starts from there instead, and the stages before it are skipped. A finished stage
+is recorded in WORKDIR/results.json and not run again. After each stage the k-NN top-1 of
+its encoder is printed as `k-NN top-1: NN.NN%`.
 
 Stages 2 and 3 share one update step: both views go through encoder, projector and
 predictor; the keys of each view (the EMA projector's outputs, or the online projector's
-when the momentum is 0) are L2-normalised and looked up in the queue (top-k, random pick,
-own entry excluded, see cmae_jax.nnclr); the loss is the symmetrised NNCLR InfoNCE over the
-global batch; only the trainable parameters are differentiated and updated
-(cmae_jax.param_groups); view 0's keys of the whole global batch then enter the queue.
+when the momentum is 0) are L2-normalised and looked up in the queue (the stage's topk:
+0 the nearest entry, k one of the k nearest at random; own entry excluded, see
+cmae_jax.nnclr); the loss is the symmetrised NNCLR InfoNCE over the global batch; only the
+trainable parameters are differentiated and updated (cmae_jax.param_groups); view 0's keys
+of the whole global batch then enter the queue.
+
+Encoder EMA (stage 3, as the official `ema_logger`): with stage.encoder_ema_momentum > 0 an
+EMA of the trained encoder leaves rides in the optimiser state; `ema_encoder` completes it
+with the frozen leaves (constant, so their own EMA). At the end of the stage both encoders
+are evaluated, and the one stage.published_encoder names ('ema' by default, the weights the
+official release and probes use) is written beside the last checkpoint
+(`published_state`, checkpointing.publish), where checkpointing.load_params - and so later
+stages, the evaluation entry point and exports - read it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import ml_collections
 import optax
 from absl import logging
 from etils import epath
+from flax import serialization
 
 from cmae_jax import (
     checkpointing,
@@ -114,6 +124,23 @@ def load_pretrained(path: str, abstract_state: MaectState) -> tuple[dict, dict]:
     )
 
 
+def load_queue(path: str, abstract_queue: nnclr.Queue) -> nnclr.Queue | None:
+    """The NN queue of the checkpoint at `path` when it has one of the same shape (a MAE-CT
+    stage with the same queue size and projection width), else None (e.g. a MAE run).
+
+    Stage 3 starts with stage 2's queue as the official code, whose head restores its
+    queue buffers with its weights. Restored straight into `abstract_queue`'s shardings.
+    """
+    state_dir = checkpointing.find_checkpoint(path)
+    saved = checkpointing.saved_structure(state_dir).get("queue")
+    abstract = serialization.to_state_dict(abstract_queue)
+    if not checkpointing.same_shapes(saved, abstract):
+        return None
+    restored = checkpointing.restore_parts(state_dir, {"queue": abstract})["queue"]
+    logging.info("Loaded the NN queue from %s", state_dir)
+    return serialization.from_state_dict(abstract_queue, restored)
+
+
 # -------------------------------------------------------------------- Model and optimiser
 
 
@@ -148,12 +175,47 @@ def make_model_and_optimizer(
         schedules["encoder_learning_rate"] = encoder_lr
     # Labels as a prefix tree over the top-level keys of the trainable params.
     labels = lambda params: {key: "encoder" if key == "encoder" else "head" for key in params}
-    tx = optax.multi_transform(transforms, labels)
+    chain = [optax.multi_transform(transforms, labels)]
+    # The EMA copies come last, after the final updates (opt_state[1], [2] when present).
     if stage.ema_momentum > 0:
         momentum = ema.momentum_schedule(stage.ema_momentum, total_steps, "constant")
-        tx = optax.chain(tx, ema.ema_target(momentum, ("projector",)))
+        chain.append(ema.ema_target(momentum, ("projector",)))
         schedules["ema_momentum"] = momentum
+    if keeps_encoder_ema(stage):
+        momentum = ema.momentum_schedule(stage.encoder_ema_momentum, total_steps, "constant")
+        chain.append(ema.ema_target(momentum, ("encoder",)))
+    tx = optax.chain(*chain) if len(chain) > 1 else chain[0]
     return model, tx, schedules
+
+
+def keeps_encoder_ema(stage: ml_collections.ConfigDict) -> bool:
+    """Whether the stage keeps an EMA of its encoder (a frozen encoder is its own EMA)."""
+    return stage.encoder_ema_momentum > 0 and not stage.freeze_encoder
+
+
+def ema_encoder(state: MaectState, stage: ml_collections.ConfigDict) -> dict:
+    """The EMA encoder params of a stage's state: the EMA of the trained leaves merged with
+    the frozen leaves as they are (the EMA of a constant is that constant). Without an
+    encoder EMA, the encoder itself."""
+    if not keeps_encoder_ema(stage):
+        return state.params["encoder"]
+    freeze = dict(freeze_encoder=stage.freeze_encoder, frozen_blocks=stage.frozen_blocks)
+    _, frozen = param_groups.split({"encoder": state.params["encoder"]}, **freeze)
+    averaged = {"encoder": ema.target_params(state.opt_state)["encoder"]}
+    return param_groups.merge(averaged, frozen)["encoder"]
+
+
+def published_state(state: MaectState, stage: ml_collections.ConfigDict) -> dict | None:
+    """What a finished stage hands to readers (later stages, evaluation, export) in place of
+    its train state: params with the EMA encoder, BatchNorm statistics and queue. None when
+    readers take the train state itself (no encoder EMA, or published_encoder 'raw')."""
+    if not keeps_encoder_ema(stage) or stage.published_encoder == "raw":
+        return None
+    return {
+        "params": {**state.params, "encoder": ema_encoder(state, stage)},
+        "batch_stats": state.batch_stats,
+        "queue": state.queue,
+    }
 
 
 def make_init_state(model: nn.Module, tx: optax.GradientTransformation, config, stage):
@@ -229,7 +291,7 @@ def make_train_step(model: nn.Module, config, stage_name: str, stage, tx, schedu
                     keys[v],
                     batch["index"],
                     jax.random.fold_in(rng, v),
-                    config.maect.topk,
+                    stage.topk,
                 )
                 for v in range(2)
             ]
@@ -281,8 +343,9 @@ def train_stage(
     stop_at_step: int | None = None,
 ) -> dict[str, Any]:
     """Runs stage 2 or 3 in `workdir`: resumes its newest checkpoint, else starts from the
-    checkpoint at `init_from`. Returns cmae_jax.loop.train's results ('knn_top1' when
-    evaluated, 'history', 'complete', 'preempted', ...).
+    checkpoint at `init_from`. Returns cmae_jax.loop.train's results: 'knn_top1' (when
+    evaluated; with an encoder EMA also 'knn_top1_raw' and 'knn_top1_ema', the published
+    one as 'knn_top1'), 'history', 'complete', 'preempted', ...
 
     `stop_at_step` ends the stage after saving a checkpoint at that step, as a preemption
     would; a later call resumes from there.
@@ -313,9 +376,14 @@ def train_stage(
             )
 
         shardings = jax.tree.map(lambda x: x.sharding, state)
-        return jax.jit(hand_off, out_shardings=shardings, donate_argnums=0)(
+        state = jax.jit(hand_off, out_shardings=shardings, donate_argnums=0)(
             state, params, batch_stats
         )
+        # Queue hand-off: stage 3 starts with stage 2's queue.
+        queue = load_queue(init_from, jax.eval_shape(lambda: state.queue))
+        if queue is not None:
+            state = state.replace(queue=queue)
+        return state
 
     # ---------------------------------------------------------------- Loop
     task = loop.Task(
@@ -328,8 +396,24 @@ def train_stage(
             f"queue {100 * m['queue_fill']:.0f}%"
         ),
         embed=knn.feature_fn(model),
+        evaluated=lambda state: (
+            {"_raw": state.params, "_ema": {**state.params, "encoder": ema_encoder(state, stage)}}
+            if keeps_encoder_ema(stage)
+            else {"": state.params}
+        ),
     )
-    return loop.train(run, task, stop_at_step=stop_at_step)
+    results = loop.train(run, task, stop_at_step=stop_at_step)
+    if not results["complete"]:
+        return results
+    if keeps_encoder_ema(stage) and "knn_top1_raw" in results:
+        chosen = "raw" if stage.published_encoder == "raw" else "ema"
+        results["knn_top1"] = results[f"knn_top1_{chosen}"]
+    # Publish the chosen encoder where checkpointing.load_params reads.
+    published = published_state(results["state"], stage)
+    if published is not None:
+        directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
+        checkpointing.publish(directory, run.total_steps, published)
+    return results
 
 
 # -------------------------------------------------------------------- The staged recipe
@@ -392,8 +476,7 @@ def train_and_evaluate(
                 logging.info("Stopped in stage %s; rerun the same command to resume.", name)
                 break
             done = {"seconds": round(time.time() - start_time, 1)}
-            if "knn_top1" in results:
-                done["knn_top1"] = results["knn_top1"]
+            done.update({k: v for k, v in results.items() if k.startswith("knn_top1")})
             summary["stages"][name] = done
             if is_chief:
                 workdir_files.write_json(workdir, "results.json", summary)
@@ -401,4 +484,8 @@ def train_and_evaluate(
             # The command line's result line, once per stage.
             print(f"Stage {name}:", flush=True)
             print(f"k-NN top-1: {100 * done['knn_top1']:.2f}%", flush=True)
+            for which in ("raw", "ema"):
+                if f"knn_top1_{which}" in done:
+                    score = 100 * done[f"knn_top1_{which}"]
+                    print(f"k-NN top-1 of the {which} encoder: {score:.2f}%", flush=True)
     return summary

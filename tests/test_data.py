@@ -316,9 +316,12 @@ def reference_master(image, box, flip, out_size):
     return master[:, ::-1] if flip else master
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_pixel_shift_views_geometry(channels):
+@pytest.mark.parametrize("channels,master_size", [(1, 0), (3, 0), (1, 20)])
+def test_pixel_shift_views_geometry(channels, master_size):
     cfg = make_config(channels=channels, image_size=16, shift=4, colour=False).input
+    cfg.master_size = master_size
+    # 0: the official rule size + shift + 1 (256 = 224 + 31 + 1 on ImageNet); else as given.
+    side = master_size or 21
     rng = np.random.default_rng(0)
     image = tf.constant(rng.integers(0, 256, (24, 20, channels), dtype=np.uint8))
     flips, offsets = set(), set()
@@ -330,8 +333,9 @@ def test_pixel_shift_views_geometry(channels):
         assert 0 <= dy <= 4 and 0 <= dx <= 4
         flips.add(flip)
         offsets.update([dy, dx])
-        # The master is the crop box resized to 20 x 20, flipped once; both views come from it.
-        master = reference_master(image, params["box"].numpy(), flip, 20)
+        # The master is the crop box resized to side x side, flipped once; both views come
+        # from it.
+        master = reference_master(image, params["box"].numpy(), flip, side)
         np.testing.assert_allclose(params["master"].numpy(), master, atol=1e-6)
         np.testing.assert_array_equal(online, master[:16, :16])
         np.testing.assert_array_equal(target, master[dy : dy + 16, dx : dx + 16])

@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
+from test_sharding import stack_blocks
 from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
 
-from cmae_jax import config_validation, nnclr, param_groups, train_maect
+from cmae_jax import checkpointing, config_validation, ema, nnclr, param_groups, train_maect
 from cmae_jax import workdir as workdir_files
 from cmae_jax.config_defaults import maect_config
 from cmae_jax.data import pipeline, sources
@@ -138,6 +140,32 @@ def test_top1_lookup_excludes_own_entry_and_empty_rows():
     np.testing.assert_array_equal(rows, np.argmax(sims, axis=1))
     assert found.all()
     assert rows[0] != 3 and rows[1] != 5 and rows[2] == 7 and rows[3] == 0
+
+
+def test_nearest_lookup_k0_is_the_numpy_argmax():
+    """topk 0 (the official stage 2): the argmax over written, non-own rows; no random pick."""
+    rng = np.random.default_rng(11)
+    queue, keys, ids = filled_queue(rng, size=40, count=33)
+    queries = rng.normal(size=(6, 6)).astype(np.float32)
+    queries[0] = keys[4]  # query 0 is the example of row 4: its own entry, a perfect match
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    query_ids = np.array([ids[4], 1, 2, 3, 4, 5], np.int32)
+    sims = queries @ keys.T
+    sims[:, 33:] = -np.inf
+    sims[0, 4] = -np.inf
+    lookup = jax.jit(lambda r: nnclr.nearest_neighbours(queue, queries, query_ids, r, k=0))
+    for seed in range(3):
+        neighbours, rows, found = lookup(jax.random.key(seed))
+        np.testing.assert_array_equal(rows, np.argmax(sims, axis=1))
+        np.testing.assert_array_equal(neighbours, keys[np.argmax(sims, axis=1)])
+        assert found.all()
+    assert int(rows[0]) != 4
+    _, rows, _ = nnclr.nearest_neighbours(queue, queries, query_ids, None, k=0)  # no rng needed
+    np.testing.assert_array_equal(rows, np.argmax(sims, axis=1))
+    _, _, found = nnclr.nearest_neighbours(nnclr.init_queue(8, 6), queries, query_ids, None, 0)
+    assert not found.any()
+    with pytest.raises(ValueError, match="topk=-1"):
+        nnclr.nearest_neighbours(queue, queries, query_ids, None, k=-1)
 
 
 def test_topk_pick_is_uniform_over_the_numpy_top_k():
@@ -271,6 +299,250 @@ def test_frozen_split_of_stage_three_and_stage_two():
     assert set(trainable) == {"projector", "predictor"} and set(frozen) == {"encoder"}
 
 
+def test_param_groups_of_scanned_blocks():
+    stacked = ("encoder", "blocks", "attn", "qkv", "kernel")
+    # Row j of a stacked leaf is block j: multiplier 0.65 ** (depth - j); a leaf cut to its
+    # last rows (as split leaves the trainable part) keeps the blocks' own multipliers.
+    np.testing.assert_allclose(
+        param_groups.lr_multiplier(stacked, 4, 0.65), 0.65 ** np.arange(4, 0, -1)
+    )
+    np.testing.assert_allclose(
+        param_groups.lr_multiplier(stacked, 4, 0.65, rows=2), [0.65**2, 0.65]
+    )
+    tx = param_groups.scale_by_layer_decay(depth=4, decay=0.65)
+    updates = {"encoder": {"blocks": {"w": jnp.ones((2, 3))}, "norm": jnp.ones(3)}}
+    scaled, _ = tx.update(updates, tx.init(updates))
+    np.testing.assert_allclose(scaled["encoder"]["blocks"]["w"], [[0.65**2] * 3, [0.65] * 3])
+    np.testing.assert_allclose(scaled["encoder"]["norm"], 1.0)
+
+    # Freezing cuts each stacked leaf by rows, for arrays, boxed leaves and abstract shapes.
+    model = maect_model.MAECT(
+        width=16, depth=4, num_heads=2, mlp_dim=32, patch_size=4, projector_hidden=8,
+        predictor_hidden=8, projection_dim=4, scan_layers=True,
+    )  # fmt: skip
+    init = jax.jit(lambda rng: model.init(rng, jnp.zeros((2, 8, 8, 1)), train=False)["params"])
+    boxed = init(jax.random.key(0))
+    params = nn.meta.unbox(boxed)
+    freeze = dict(freeze_encoder=False, frozen_blocks=1)
+    trainable, frozen = param_groups.split(params, **freeze)
+    assert set(frozen["encoder"]) == {"embedding", "cls", "blocks"}
+    assert set(trainable["encoder"]) == {"blocks", "norm"}
+    kernel = params["encoder"]["blocks"]["attn"]["qkv"]["kernel"]
+    np.testing.assert_array_equal(frozen["encoder"]["blocks"]["attn"]["qkv"]["kernel"], kernel[:1])
+    np.testing.assert_array_equal(
+        trainable["encoder"]["blocks"]["attn"]["qkv"]["kernel"], kernel[1:]
+    )
+    assert_trees_equal(param_groups.merge(trainable, frozen), params)
+    boxed_trainable, _ = param_groups.split(boxed, **freeze)
+    box = boxed_trainable["encoder"]["blocks"]["attn"]["qkv"]["kernel"]
+    assert box.value.shape == (3, *kernel.shape[1:]) and box.names[0] == "layers"
+    shapes = jax.eval_shape(lambda: params)
+    shape_trainable, _ = param_groups.split(shapes, **freeze)
+    assert shape_trainable["encoder"]["blocks"]["attn"]["qkv"]["kernel"].shape[0] == 3
+    # All blocks frozen: no stacked rows train; the whole encoder frozen: nothing of it.
+    trainable, _ = param_groups.split(params, freeze_encoder=False, frozen_blocks=4)
+    assert set(trainable["encoder"]) == {"norm"}
+    trainable, _ = param_groups.split(params, freeze_encoder=True, frozen_blocks=0)
+    assert "encoder" not in trainable
+
+
+# ---------------------------------------------------------------------- One update step
+
+
+def tiny_step_config(idx_dir, *, scan=False):
+    """tiny_maect_config with a 4-block encoder (stem and 2 blocks frozen in stage 3),
+    optionally scanned, and an encoder EMA fast enough to move in a few steps."""
+    config = tiny_maect_config(idx_dir)
+    config.model.depth = 4
+    config.model.scan_layers = scan
+    config.stages.tune.frozen_blocks = 2
+    config.stages.tune.encoder_ema_momentum = 0.5
+    return config
+
+
+def stage_parts(config, stage_name):
+    """(stage, model, tx, fresh state, jitted update step) of a contrastive stage."""
+    stage = config.stages[train_maect.STAGE_SECTIONS[stage_name]]
+    stage_config = train_maect.stage_config(config, stage_name)
+    model, tx, schedules = train_maect.make_model_and_optimizer(stage_config, stage, 4, 16)
+    init = train_maect.make_init_state(model, tx, stage_config, stage)
+    state = jax.jit(lambda rng: nn.meta.unbox(init(rng)))(jax.random.key(0))
+    step = train_maect.make_train_step(model, stage_config, stage_name, stage, tx, schedules)
+    return stage, model, tx, state, jax.jit(step)
+
+
+def random_batch(seed, batch=32, size=16):
+    rng = np.random.default_rng(seed)
+    views = rng.normal(size=(2, batch, size, size, 1)).astype(np.float32)
+    return {
+        "view1": views[0],
+        "view2": views[1],
+        "label": rng.integers(0, 10, batch).astype(np.int32),
+        "index": (np.arange(batch) + 1000 * seed).astype(np.int32),
+    }
+
+
+def random_queue(seed, size=80, dim=16):
+    """A full queue of random unit keys whose ids no batch of random_batch uses."""
+    rng = np.random.default_rng(seed)
+    keys = rng.normal(size=(size, dim)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    return nnclr.Queue(
+        keys=jnp.asarray(keys),
+        labels=jnp.asarray(rng.integers(0, 10, size), jnp.int32),
+        ids=jnp.arange(size, dtype=jnp.int32) + 500,
+        ptr=jnp.zeros([], jnp.int32),
+        count=jnp.asarray(size, jnp.int32),
+    )
+
+
+def normalize(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def stage_three(small_fashion_mnist):
+    """stage_parts of the unrolled tiny stage 3 (compiled once for the tests below)."""
+    return stage_parts(tiny_step_config(small_fashion_mnist), "3_tune")
+
+
+def test_stage_two_step_takes_the_nearest_neighbour(small_fashion_mnist):
+    """The stage-2 update looks up the NumPy argmax (own entry excluded) in both views."""
+    stage, model, _, state, step = stage_parts(tiny_step_config(small_fashion_mnist), "2_head")
+    assert stage.topk == 0 and stage.ema_momentum == 0
+    batch = random_batch(0)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    outs = [
+        model.apply(variables, batch[view], train=True, mutable=["batch_stats"])[0]
+        for view in ("view1", "view2")
+    ]
+    keys = [normalize(out["projection"]) for out in outs]  # stage 2: the online projector
+    queue = random_queue(1)
+    # Row 7 is example 3's own entry, and a perfect match for it.
+    queue = queue.replace(
+        keys=queue.keys.at[7].set(keys[0][3].astype(np.float32)),
+        ids=queue.ids.at[7].set(batch["index"][3]),
+    )
+    _, metrics = step(state.replace(queue=queue), batch)
+
+    queue_keys, own = np.asarray(queue.keys), np.asarray(queue.ids)[None] == batch["index"][:, None]
+
+    def lookup(key, rank):  # rank 0: the nearest non-own row
+        sims = np.where(own, -np.inf, key @ queue_keys.T)
+        return np.argsort(-sims, axis=1)[:, rank]
+
+    def expected_loss(rank):
+        nn = [queue_keys[lookup(k, rank)] for k in keys]
+        preds = [np.asarray(out["prediction"]) for out in outs]
+        return 0.5 * (
+            numpy_nnclr(nn[0], preds[1], stage.temperature)
+            + numpy_nnclr(nn[1], preds[0], stage.temperature)
+        )
+
+    rows = lookup(keys[0], 0)
+    assert rows[3] != 7
+    np.testing.assert_allclose(metrics["loss"], expected_loss(0), rtol=1e-5)
+    assert abs(expected_loss(1) - expected_loss(0)) > 1e-3  # another pick shows in the loss
+    same_label = np.asarray(queue.labels)[rows] == batch["label"]
+    np.testing.assert_allclose(metrics["nn_accuracy"], same_label.mean(), rtol=1e-6)
+
+
+# Biases whose effect a BatchNorm removes, so that their gradient is float noise, which
+# Adam turns into +-lr steps that differ between any two summation orders: the encoder's
+# final-norm bias (it shifts every pooled feature by the same vector, which the
+# projector's first BatchNorm takes out), the projector's last Linear bias (a BatchNorm
+# follows) and that BatchNorm's bias (the predictor's first BatchNorm takes it out; the
+# keys that see it get no gradient).
+BATCHNORM_CANCELLED_BIASES = (
+    "['encoder']['norm']['bias']",
+    "['projector']['dense_2']['bias']",
+    "['projector']['bn_2']['bias']",
+)
+
+
+def test_scanned_and_unrolled_stage_three_take_the_same_steps(small_fashion_mnist, stage_three):
+    freeze = dict(freeze_encoder=False, frozen_blocks=2)
+    stage, _, _, unrolled, unrolled_step = stage_three
+    _, _, tx, scanned, scanned_step = stage_parts(
+        tiny_step_config(small_fashion_mnist, scan=True), "3_tune"
+    )
+    # The same weights, the blocks stacked on a leading axis, and the same queue.
+    stacked = jax.tree.map(jnp.asarray, stack_blocks(unrolled.params))
+    assert_trees_equal(jax.tree.map(jnp.shape, stacked), jax.tree.map(jnp.shape, scanned.params))
+    scanned = scanned.replace(
+        params=stacked,
+        batch_stats=unrolled.batch_stats,
+        opt_state=tx.init(param_groups.split(stacked, **freeze)[0]),
+    )
+    unrolled, scanned = (
+        unrolled.replace(queue=random_queue(2)),
+        scanned.replace(queue=random_queue(2)),
+    )
+    for i in range(3):
+        batch = random_batch(i)
+        unrolled, unrolled_metrics = unrolled_step(unrolled, batch)
+        scanned, scanned_metrics = scanned_step(scanned, batch)
+        np.testing.assert_allclose(scanned_metrics["loss"], unrolled_metrics["loss"], rtol=1e-5)
+
+    def close(scanned_tree, unrolled_tree):
+        expected = flat_arrays(stack_blocks(unrolled_tree))
+        got = flat_arrays(scanned_tree)
+        assert sorted(got) == sorted(expected)
+        for key, value in expected.items():
+            if not any(bias in key for bias in BATCHNORM_CANCELLED_BIASES):
+                np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+
+    close(scanned.params, unrolled.params)
+    close(
+        {"encoder": train_maect.ema_encoder(scanned, stage)},
+        {"encoder": train_maect.ema_encoder(unrolled, stage)},
+    )
+    # Rows 0-1 of every stacked leaf (the frozen blocks) are bit for bit where they began.
+    blocks, start = scanned.params["encoder"]["blocks"], stacked["encoder"]["blocks"]
+    for got, began in zip(jax.tree.leaves(blocks), jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(got[:2], began[:2])
+    assert any(
+        not np.array_equal(g[2:], b[2:]) for g, b in zip(*map(jax.tree.leaves, (blocks, start)))
+    )
+
+
+def test_encoder_ema_of_stage_three(small_fashion_mnist, stage_three):
+    freeze = dict(freeze_encoder=False, frozen_blocks=2)
+    stage, _, _, state, step = stage_three
+    m = stage.encoder_ema_momentum
+    state = state.replace(queue=random_queue(3))
+    for i in range(2):
+        before = ema.target_params(state.opt_state)["encoder"]
+        state, _ = step(state, random_batch(i))
+        after = ema.target_params(state.opt_state)["encoder"]
+        trained, frozen = param_groups.split({"encoder": state.params["encoder"]}, **freeze)
+        # The EMA covers exactly the trained encoder leaves: m * old + (1 - m) * new.
+        expected = jax.tree.map(lambda t, p: m * t + (1 - m) * p, before, trained["encoder"])
+        assert_trees_equal(after, expected, rtol=1e-6, atol=1e-7)
+    assert set(frozen["encoder"]) == {"embedding", "cls", "block_0", "block_1"}
+    # The EMA encoder: the EMA where the encoder trains, the frozen leaves as they are.
+    averaged = train_maect.ema_encoder(state, stage)
+    for key in ("embedding", "cls", "block_0", "block_1"):
+        assert_trees_equal(averaged[key], state.params["encoder"][key])
+    for key in ("block_2", "block_3", "norm"):
+        assert_trees_equal(averaged[key], after[key])
+        assert not np.array_equal(
+            jax.tree.leaves(averaged[key])[0], jax.tree.leaves(state.params["encoder"][key])[0]
+        )
+    # What the stage publishes: the EMA encoder (or nothing, with published_encoder 'raw').
+    published = train_maect.published_state(state, stage)
+    assert_trees_equal(published["params"]["encoder"], averaged)
+    assert_trees_equal(published["params"]["projector"], state.params["projector"])
+    raw_stage = stage.copy_and_resolve_references()
+    raw_stage.published_encoder = "raw"
+    assert train_maect.published_state(state, raw_stage) is None
+    # Stage 2 (frozen encoder) keeps no encoder EMA: its EMA encoder is the encoder.
+    head_stage, _, _, head_state, _ = stage_parts(tiny_step_config(small_fashion_mnist), "2_head")
+    assert not train_maect.keeps_encoder_ema(head_stage)
+    assert train_maect.ema_encoder(head_state, head_stage) is head_state.params["encoder"]
+
+
 # ---------------------------------------------------------------------- Views
 
 
@@ -313,8 +585,9 @@ def tiny_maect_config(idx_dir):
     config.maect.predictor_hidden = 32
     config.maect.projection_dim = 16
     config.maect.queue_size = 80  # 32-example batches wrap around in the 3rd step
-    config.maect.topk = 5
+    config.stages.tune.topk = 5  # stage 2 keeps the official 0 (the nearest neighbour)
     config.stages.tune.frozen_blocks = 1  # depth 2: stem and block_0 frozen
+    config.stages.tune.encoder_ema_momentum = 0.5  # an EMA encoder visibly apart from the raw
     for stage in (config.stages.head, config.stages.tune):
         stage.input.global_batch_size = 32
         stage.total_steps = 4
@@ -352,8 +625,12 @@ def test_staged_run_end_to_end(staged_run, capfd):
     # A rerun finds every stage done: it trains nothing and prints the three results.
     capfd.readouterr()
     assert train_maect.train_and_evaluate(config, workdir) == summary
-    lines = re.findall(r"^k-NN top-1: (\d+\.\d\d)%$", capfd.readouterr().out, re.M)
+    out = capfd.readouterr().out
+    lines = re.findall(r"^k-NN top-1: (\d+\.\d\d)%$", out, re.M)
     assert lines == [f"{100 * s['knn_top1']:.2f}" for s in summary["stages"].values()]
+    tune = summary["stages"]["3_tune"]
+    for which in ("raw", "ema"):  # stage 3 also prints each of its two encoders
+        assert f"k-NN top-1 of the {which} encoder: {100 * tune[f'knn_top1_{which}']:.2f}%" in out
 
 
 def test_frozen_parameters_stay_bit_identical(staged_run):
@@ -416,22 +693,34 @@ def test_queue_holds_the_last_global_batches_in_order(staged_run, small_fashion_
     np.testing.assert_allclose(np.linalg.norm(queue["keys"], axis=1), 1.0, rtol=1e-5)
 
 
-def test_hand_off_loads_encoder_and_heads_exactly(staged_run):
-    config, workdir, _ = staged_run
-    stage_config = train_maect.stage_config(config, "3_tune")
+def abstract_maect_state(config, stage_name="3_tune"):
+    """The stage's MaectState as ShapeDtypeStructs on one device (no step, no optimiser)."""
+    stage_config = train_maect.stage_config(config, stage_name)
     model = maect_model.build_model(stage_config.model, stage_config.input, stage_config.maect)
+    size = stage_config.input.image_size
     shapes = jax.eval_shape(
-        lambda: nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((2, 16, 16, 1)), False))
+        lambda: nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((2, size, size, 1)), False))
+    )
+    queue = jax.eval_shape(
+        lambda: nnclr.init_queue(stage_config.maect.queue_size, model.projection_dim)
     )
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    init = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-    abstract = train_maect.MaectState(
+    place = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree
+    )
+    init = place(shapes)
+    return train_maect.MaectState(
         step=None,
         params=init["params"],
         batch_stats=init["batch_stats"],
         opt_state=None,
-        queue=None,
+        queue=place(queue),
     )
+
+
+def test_hand_off_loads_encoder_and_heads_exactly(staged_run):
+    config, workdir, _ = staged_run
+    abstract = abstract_maect_state(config)
     params, batch_stats = train_maect.load_pretrained(os.path.join(workdir, "2_head"), abstract)
     head, _ = restore_raw(os.path.join(workdir, "2_head"), 4)
     assert sorted(params) == ["encoder", "predictor", "projector"]
@@ -446,6 +735,58 @@ def test_hand_off_loads_encoder_and_heads_exactly(staged_run):
     assert_trees_equal(params["encoder"], mae["params"]["encoder"])
 
 
+def test_stage_three_starts_with_stage_twos_queue(staged_run):
+    config, workdir, _ = staged_run
+    abstract = abstract_maect_state(config)
+    head, _ = restore_raw(os.path.join(workdir, "2_head"), 4)
+    queue = train_maect.load_queue(os.path.join(workdir, "2_head"), abstract.queue)
+    assert_trees_equal(serialization.to_state_dict(queue), head["queue"])
+    assert train_maect.load_queue(os.path.join(workdir, "1_mae"), abstract.queue) is None
+    # Stage 2 left its pointer at 4 * 32 mod 80 = 48 and a full queue; stage 3's 3 batches
+    # of 32 went on from there (from an empty queue the pointer would be 96 mod 80 = 16).
+    tune, _ = restore_raw(os.path.join(workdir, "3_tune"), 3)
+    assert int(head["queue"]["ptr"]) == 48 and int(head["queue"]["count"]) == 80
+    assert int(tune["queue"]["ptr"]) == (48 + 3 * 32) % 80 and int(tune["queue"]["count"]) == 80
+
+
+def test_stage_three_publishes_its_ema_encoder(staged_run, capfd):
+    config, workdir, summary = staged_run
+    tune_dir = os.path.join(workdir, "3_tune")
+    published = checkpointing.find_checkpoint(tune_dir)
+    assert (published.name, published.parent.name) == ("published", "4")
+    assert checkpointing.find_checkpoint(workdir) == published  # the MAE-CT workdir itself
+    raw_dir = os.path.join(tune_dir, "checkpoints", "4", "state")
+    assert checkpointing.find_checkpoint(raw_dir) == published.parent / "state"
+    # Stage 2 (frozen encoder, no EMA) publishes nothing: readers take its train state.
+    assert checkpointing.find_checkpoint(os.path.join(workdir, "2_head")).name == "state"
+
+    # The EMA encoder, by hand from the raw checkpoint: the EMA (opt_state[2]) of the
+    # trained leaves, the frozen stem and block_0 as they are.
+    tune, _ = restore_raw(tune_dir, 4)
+    target = tune["opt_state"][2]["target"]["encoder"]
+    assert sorted(target) == ["block_1", "norm"]
+    expected = {**tune["params"]["encoder"], **target}
+    abstract = abstract_maect_state(config)
+    heads = ("projector", "predictor")
+    params, batch_stats = checkpointing.load_params(
+        tune_dir, abstract.params, optional=heads, abstract_batch_stats=abstract.batch_stats
+    )
+    assert_trees_equal(params["encoder"], expected)
+    assert_trees_equal({k: params[k] for k in heads}, {k: tune["params"][k] for k in heads})
+    assert_trees_equal(batch_stats, tune["batch_stats"])
+    raw, _ = checkpointing.load_params(raw_dir, abstract.params)
+    assert_trees_equal(raw["encoder"], tune["params"]["encoder"])
+    moved = flat_arrays(expected["block_1"])
+    assert any(
+        not np.array_equal(v, flat_arrays(raw["encoder"]["block_1"])[k]) for k, v in moved.items()
+    )
+
+    # Both encoders were evaluated; the published (EMA) one is the stage's k-NN.
+    stage = summary["stages"]["3_tune"]
+    assert stage["knn_top1"] == stage["knn_top1_ema"] and 0.1 < stage["knn_top1_raw"] <= 1.0
+    assert "knn_top1_raw" not in summary["stages"]["2_head"]
+
+
 def test_stage_resumes_exactly(staged_run, tmp_path):
     config, workdir, _ = staged_run
     config = config.copy_and_resolve_references()
@@ -457,6 +798,10 @@ def test_stage_resumes_exactly(staged_run, tmp_path):
     # The restart finds its own step-2 checkpoint (init_from is not used again).
     second = train_maect.train_stage(config, "3_tune", resumed, init_from="/nonexistent")
     assert second["complete"] and [s for s, _ in second["history"]] == [3, 4]
+    # A rerun of the finished stage restores its last checkpoint (beside which it published
+    # the EMA encoder), trains nothing and publishes the same again.
+    third = train_maect.train_stage(config, "3_tune", resumed, init_from="/nonexistent")
+    assert third["complete"] and third["history"] == []
     state, _ = restore_raw(resumed, 4)
     reference, _ = restore_raw(os.path.join(workdir, "3_tune"), 4)
     assert_trees_equal(state, reference)
@@ -475,24 +820,68 @@ def test_maect_config_errors(small_fashion_mnist, tmp_path):
     config.stages.tune.frozen_blocks = 3
     with pytest.raises(config_validation.ConfigError, match="frozen_blocks=3"):
         config_validation.validate(config, num_devices=1)
+    config = tiny_maect_config(small_fashion_mnist)
+    config.stages.head.topk = -1
+    with pytest.raises(config_validation.ConfigError, match="head.topk=-1"):
+        config_validation.validate(config, num_devices=1)
+    config = tiny_maect_config(small_fashion_mnist)
+    config.stages.tune.published_encoder = "online"
+    with pytest.raises(config_validation.ConfigError, match="published_encoder='online'"):
+        config_validation.validate(config, num_devices=1)
+    config = tiny_maect_config(small_fashion_mnist)
+    with config.maect.unlocked():
+        config.maect.topk = 20  # the key before topk became per stage
+    with pytest.raises(config_validation.ConfigError, match="stages.head.topk"):
+        config_validation.validate(config, num_devices=1)
 
 
-def test_shipped_maect_configs_validate():
+# The official yamls (ml-jku/MAE-CT yamls/stage3_maect{,aug}_contrastive_tuning/*.yaml):
+# config, pooling, batch, stage-3 (epochs, temperature, top-k, head lr, projector EMA),
+# frozen blocks, patch.
+OFFICIAL_STAGE_THREE = (
+    ("maect_vitb", "mean", 1024, (20, 0.15, 20, 1e-4, 0.99), 6, 16),
+    ("maect_vitl", "cls", 1024, (20, 0.2, 20, 1e-4, 0.99), 12, 16),
+    ("maect_vith", "cls", 512, (30, 0.3, 20, 1e-4, 0.995), 16, 16),
+    ("maect_vith14", "cls", 512, (30, 0.3, 20, 1e-4, 0.995), 16, 14),
+    ("maect_vitb_aug", "mean", 1024, (80, 0.15, 10, 5e-4, 0.99), 6, 16),
+    ("maect_vitl_aug", "cls", 1024, (40, 0.15, 10, 5e-4, 0.99), 12, 16),
+    ("maect_vith_aug", "cls", 512, (40, 0.35, 20, 5e-4, 0.995), 16, 16),
+    ("maect_vith14_aug", "cls", 512, (40, 0.35, 20, 5e-4, 0.995), 16, 14),
+)
+
+
+@pytest.mark.parametrize("name,pooling,batch,tune_values,frozen,patch", OFFICIAL_STAGE_THREE)
+def test_shipped_maect_configs_are_the_official_recipe(
+    name, pooling, batch, tune_values, frozen, patch
+):
     import importlib
 
     sys.path.insert(0, REPO)
-    for name, pooling, tau, momentum, frozen in (
-        ("maect_vitb", "mean", 0.15, 0.99, 6),
-        ("maect_vitl", "cls", 0.2, 0.99, 12),
-        ("maect_vith", "cls", 0.3, 0.995, 16),
-    ):
-        config = importlib.import_module(f"configs.{name}").get_config()
-        config_validation.validate(config, num_devices=8, check_data=False)
-        tune = config.stages.tune
-        assert (config.maect.pooling, tune.temperature, tune.ema_momentum) == (
-            pooling,
-            tau,
-            momentum,
-        )
-        assert tune.frozen_blocks == frozen and tune.layer_decay == 0.65
-        assert config.stages.head.freeze_encoder and config.stages.head.ema_momentum == 0.0
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config_validation.validate(config, num_devices=8, check_data=False)
+    head, tune = config.stages.head, config.stages.tune
+    views = "two_crops_aug" if name.endswith("_aug") else "two_crops"
+    assert config.maect.pooling == config.eval.feature == pooling
+    assert config.input.patch_size == patch and config.maect.queue_size == 65536
+    # Stage 2 at every size and in both variants: the nearest neighbour, temperature 0.15,
+    # 20 epochs, head lr 1e-4, no projector EMA, the whole encoder frozen.
+    assert (head.topk, head.temperature, head.num_epochs) == (0, 0.15, 20)
+    assert head.head_optimizer.base_lr == 1e-4 and head.ema_momentum == 0.0
+    assert head.freeze_encoder and head.input.views == views
+    # Stage 3.
+    got = (
+        tune.num_epochs,
+        tune.temperature,
+        tune.topk,
+        tune.head_optimizer.base_lr,
+        tune.ema_momentum,
+    )
+    assert got == tune_values
+    assert tune.frozen_blocks == frozen and tune.layer_decay == 0.65
+    assert tune.optimizer.base_lr == 1e-4 and tune.optimizer.weight_decay == 0.05
+    assert tune.head_optimizer.weight_decay == 1e-5
+    assert tune.encoder_ema_momentum == 0.9999 and tune.published_encoder == "ema"
+    assert tune.input.views == views
+    assert head.input.global_batch_size == tune.input.global_batch_size == batch
+    for stage in (head, tune):
+        assert stage.optimizer.warmup_epochs == 0.2 * stage.num_epochs

@@ -5,11 +5,11 @@ normalised, so views can be compared pixel for pixel). All randomness comes from
 `seed` argument (shape [2], stateless ops), so a view is a pure function of
 (image, seed, config).
 
-Pixel shifting (SPEC, CMAE): one master crop, RandomResizedCrop to image_size + shift
-(bicubic), one horizontal flip applied to the master so both views share it; online view =
-the top-left image_size square of the (flipped) master; target view = the image_size square
-at offset (dy, dx), each uniform in [0, shift], followed by colour jitter, grayscale and
-blur.
+Pixel shifting (SPEC, CMAE): one master crop, RandomResizedCrop to `master_size` square
+(bicubic; by default image_size + shift + 1 = 256 at 224 px, as the official code), one
+horizontal flip applied to the master so both views share it; online view = the top-left
+image_size square of the (flipped) master; target view = the image_size square at offset
+(dy, dx), each uniform in [0, shift], followed by colour jitter, grayscale and blur.
 
 Choices where the references leave room:
   * Resizing uses TF's bicubic with antialias=True, which like PIL (torchvision's
@@ -226,6 +226,15 @@ def crop_image(image: tf.Tensor, box: tf.Tensor) -> tf.Tensor:
     return tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], channels]))
 
 
+def master_size(cfg: Any) -> int:
+    """Side of the pixel-shift master crop: cfg.master_size, or 0 for image_size + shift + 1.
+
+    The official CMAE resizes to 256 and cuts 224 px views at offsets randint(0, 31), so
+    one row and column of the master are in no view.
+    """
+    return cfg.get("master_size") or cfg.image_size + cfg.shift + 1
+
+
 def views_from_crop(
     crop: tf.Tensor, seed: tf.Tensor, cfg: Any, *, with_target: bool = True
 ) -> tuple[tf.Tensor, tf.Tensor | None, dict[str, tf.Tensor]]:
@@ -237,7 +246,8 @@ def views_from_crop(
     size = cfg.image_size
     shift = cfg.shift if with_target else 0
     channels = crop.shape[-1]
-    master = _resize(_to_float(crop), (size + shift, size + shift))
+    side = master_size(cfg) if with_target else size
+    master = _resize(_to_float(crop), (side, side))
     if cfg.flip:
         flip = _uniform(_fold(seed, _FLIP), []) < 0.5
         master = tf.cond(flip, lambda: tf.reverse(master, axis=[1]), lambda: master)

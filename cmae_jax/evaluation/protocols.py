@@ -239,17 +239,17 @@ def make_periodic(
     embed: Embed,
     writer: metric_writers.MetricWriter,
 ) -> Callable[[int, Any, str], None]:
-    """(step, params, prefix) -> None: config.eval.periodic_protocols on
-    config.eval.knn_subset strided examples of each split, logged as <prefix><metric>_subset."""
+    """(step, params, suffix) -> None: config.eval.periodic_protocols on
+    config.eval.knn_subset strided examples of each split, logged as <metric><suffix>_subset."""
     ctx = Context.for_training(config, mesh, embed, subset=config.eval.knn_subset)
     runs = {name: make(name, ctx) for name in config.eval.get("periodic_protocols", ("knn",))}
 
-    def evaluate(step: int, params: Any, prefix: str = "") -> None:
+    def evaluate(step: int, params: Any, suffix: str = "") -> None:
         start = time.time()
         metrics = {}
         for run in runs.values():
             metrics.update(run(params))
-        metrics = {f"{prefix}{k}_subset": v for k, v in metrics.items()}
+        metrics = {f"{k}{suffix}_subset": v for k, v in metrics.items()}
         writer.write_scalars(step, metrics)
         logging.info("step %d | %s in %.0f s", step, metrics, time.time() - start)
 

@@ -40,7 +40,10 @@ class MAECT(nn.Module):
     predictor_hidden: int = 4096
     projection_dim: int = 256
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = "none"  # remat policy of the encoder blocks (vit.REMAT_POLICIES)
+    # nn.scan over the encoder blocks: params['encoder']['blocks'] stacked on a leading
+    # layers axis, the layout a stage-1 run with the same config.model saves.
+    scan_layers: bool = False
 
     def setup(self):
         if self.pooling not in POOLINGS:
@@ -53,6 +56,7 @@ class MAECT(nn.Module):
             patch_size=self.patch_size,
             dtype=self.dtype,
             remat=self.remat,
+            scan_layers=self.scan_layers,
         )
         # The heads run in float32 whatever `dtype` is (BatchNorm, temperature-scaled logits).
         self.projector = MLPHead(
@@ -93,8 +97,8 @@ class MAECT(nn.Module):
 def build_model(model_cfg: Any, input_cfg: Any, maect_cfg: Any) -> MAECT:
     """MAECT from config.model, config.input and config.maect.
 
-    The encoder sizes are resolved (and checked) by the MAE model builder, so the encoder
-    is the one stage 1 trains from the same config.model.
+    The encoder sizes, remat policy and scan layout are resolved (and checked) by the MAE
+    model builder, so the encoder is the one stage 1 trains from the same config.model.
     """
     mae = cmae_model.build_model(model_cfg, input_cfg, contrastive=False)
     return MAECT(
@@ -109,4 +113,5 @@ def build_model(model_cfg: Any, input_cfg: Any, maect_cfg: Any) -> MAECT:
         projection_dim=int(maect_cfg.projection_dim),
         dtype=mae.dtype,
         remat=mae.remat,
+        scan_layers=mae.scan_layers,
     )

@@ -1,0 +1,53 @@
+r"""MAE-CT ViT-H/14 on ImageNet-1k: MAE, NNCLR head, contrastive tuning (SPEC.md, MAE-CT).
+
+Every stage-2/3 number below is the official code's (ml-jku/MAE-CT,
+yamls/stage2_maect_prepare_head/huge14.yaml and
+yamls/stage3_maect_contrastive_tuning/huge14.yaml); where the paper or SPEC differ, these
+yamls produced the released checkpoints and are followed.
+
+Commands (ImageNet prepared for TFDS under DATA_DIR):
+  # The official H/14 runs start from the official MAE H/14 encoder
+  # (facebookresearch/mae, mae_pretrain_vit_huge.pth): stages 2 + 3 from it, given as a
+  # checkpoint this project reads:
+  python -m cmae_jax.main --config=configs/maect_vith14.py --workdir=WORKDIR \
+      --config.dataset.data_dir=DATA_DIR --config.stages.head.init_from=MAE_H14
+  # All three stages, stage 1 being our MAE H/14 (configs/mae_vith.py, 1600 epochs):
+  python -m cmae_jax.main --config=configs/maect_vith14.py --workdir=WORKDIR \
+      --config.dataset.data_dir=DATA_DIR
+
+Hardware: stage 1 as configs/mae_vith.py (TPU v5p-256 or 128+ H100, bf16 compute); stages
+2-3 at batch 512 on 8 A100/H100 / a TPU v5p-16. Expected (official README, MAE-CT ViT-H/14,
+linear probe / k-NN k=10): 81.3 / 79.1; the official MAE H/14 it starts from: 77.2 / 58.9.
+The released weights and probes are the stage-3 EMA encoder, which this config publishes
+(see below). We have not run this config at full scale; the k-NN printed after each stage
+is ours (k = 20).
+
+Recipe: stage 1 the official MAE H/14 (1600 epochs, batch 4096; here configs/mae_vith.py
+when it is not given); stage 2 NNCLR head on the frozen encoder, 20 epochs, batch 512,
+temperature 0.15, the nearest neighbour (top-k 0), queue filled by the online projector,
+head lr 1e-4; stage 3 contrastive tuning, 30 epochs, batch 512, patch embedding, cls token
+and blocks 0-15 of 32 frozen, layer-wise lr decay 0.65, temperature 0.3, one of the top 20
+neighbours at random, EMA projector 0.995, head lr 1e-4, encoder EMA 0.9999 (published:
+later stages, evaluations and exports read it; --config.stages.tune.published_encoder=raw
+for the trained weights); queue 65,536 (stage 3 starts with stage 2's), pooling the cls
+token; both stages AdamW (0.9, 0.95), base lr * batch * 2 views / 256, 20% warmup then
+cosine, encoder wd 0.05, heads wd 1e-5; RandomResizedCrop(224, 0.08-1.0, bicubic) + flip,
+two views.
+
+Departures from the official code: none in stage 1 when init_from gives the official MAE
+H/14 encoder; without it, stage 1 is configs/mae_vith.py, the official MAE recipe that
+produced those weights (batch 4096, 40 warmup epochs, one view). Stage 2's queue starts
+empty instead of with random vectors (see cmae_jax/nnclr.py).
+"""
+
+from cmae_jax.config_defaults import base_config, maect_config
+
+
+def get_config():
+    """The MAE-CT ViT-H/14 ImageNet config."""
+    config = base_config("mae")
+    config.model.variant = "H/14"
+    config.input.patch_size = 14
+    config.model.dtype = "bfloat16"
+    config.num_epochs = 1600
+    return maect_config(config, "H")
