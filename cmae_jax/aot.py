@@ -23,6 +23,7 @@ Several, comma-separated, compile one after another and end with a Markdown tabl
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -37,15 +38,22 @@ from ml_collections import config_flags
 from cmae_jax import config_validation
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
-flags.DEFINE_string("topology", None, "TPU topologies, comma-separated (v5e-64, v4:2x2x4, ...).")
-flags.DEFINE_integer(
-    "num_train_examples",
-    1_281_167,
-    "Training set size for the lr/EMA schedules (ImageNet-1k); it does not change the program.",
-)
-flags.DEFINE_string("json_out", None, "Also write the results as a JSON list to this file.")
-flags.mark_flags_as_required(["config", "topology"])
+
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs: importing this module (for its chip
+    table or FLOP count) defines none, so other commands may name theirs alike."""
+    config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
+    flags.DEFINE_string(
+        "topology", None, "TPU topologies, comma-separated (v5e-64, v4:2x2x4, ...)."
+    )
+    flags.DEFINE_integer(
+        "num_train_examples",
+        1_281_167,
+        "Training set size for the lr/EMA schedules (ImageNet-1k); it does not change the program.",
+    )
+    flags.DEFINE_string("json_out", None, "Also write the results as a JSON list to this file.")
+    flags.mark_flags_as_required(["config", "topology"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +126,31 @@ def tpu_devices(chip: Chip, topology: str) -> list[Any]:
     return list(desc.devices)
 
 
+def transformer_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
+    """Forward FLOPs of `depth` pre-norm blocks on one sequence of `tokens` tokens.
+
+    Per token: qkv (3 w^2), output projection (w^2) and the two MLP matmuls (2 w mlp),
+    2 FLOPs per multiply-add; per block the attention scores and their weighted sum
+    (2 x tokens^2 x w each). Norms, softmax and GELU are left out.
+    """
+    per_token = 2 * (4 * width * width + 2 * width * mlp)
+    attention = 2 * 2 * tokens * tokens * width
+    return float(depth * (tokens * per_token + attention))
+
+
+def encoder_flops(model: Any, tokens: int, channels: int, depth: int | None = None) -> float:
+    """Forward FLOPs of the ViT encoder of `model` (CMAE or MAECT) on cls + tokens - 1
+    patches of `channels`-channel images: patch embedding and `depth` blocks (default all)."""
+    embed = 2 * (tokens - 1) * model.patch_size * model.patch_size * channels * model.width
+    depth = model.depth if depth is None else depth
+    return embed + transformer_flops(tokens, model.width, depth, model.mlp_dim)
+
+
+def mlp_head_flops(widths: list[int]) -> float:
+    """Forward FLOPs of one example through Linear layers of the given widths (in, ..., out)."""
+    return float(sum(2 * a * b for a, b in itertools.pairwise(widths)))
+
+
 def model_flops_per_step(config: Any) -> float:
     """Analytic FLOPs of one CMAE/MAE step: matmuls and attention, forward + backward.
 
@@ -130,38 +163,62 @@ def model_flops_per_step(config: Any) -> float:
     model = cmae_model.build_model(
         config.model, config.input, contrastive=config.loss.contrastive_weight > 0
     )
-    p, size = model.patch_size, config.input.image_size
-    grid = size // p
+    grid = config.input.image_size // model.patch_size
     patches = grid * grid
     keep, _ = masking.mask_counts(grid, config.input)
-    pixel = p * p * model.channels
-
-    def blocks(tokens, width, depth, mlp):
-        per_token = 2 * (4 * width * width + 2 * width * mlp)
-        attention = 2 * 2 * tokens * tokens * width
-        return depth * (tokens * per_token + attention)
-
-    def encoder(tokens):
-        embed = 2 * (tokens - 1) * pixel * model.width
-        return embed + blocks(tokens, model.width, model.depth, model.mlp_dim)
+    pixel = model.patch_size * model.patch_size * model.channels
 
     def decoder(out_dim, depth):
         dw = model.pixel_decoder_width
         embed = 2 * (keep + 1) * model.width * dw
-        return embed + blocks(patches + 1, dw, depth, 4 * dw) + 2 * (patches + 1) * dw * out_dim
+        blocks = transformer_flops(patches + 1, dw, depth, 4 * dw)
+        return embed + blocks + 2 * (patches + 1) * dw * out_dim
 
     def head(d_in):
-        return 2 * (d_in * model.projector_hidden + model.projector_hidden * model.projection_dim)
+        return mlp_head_flops([d_in, model.projector_hidden, model.projection_dim])
 
-    trained = encoder(keep + 1) + decoder(pixel, model.pixel_decoder_depth)
+    trained = encoder_flops(model, keep + 1, model.channels)
+    trained += decoder(pixel, model.pixel_decoder_depth)
     target = 0.0
     batch = config.input.global_batch_size
     if model.contrastive:
         trained += decoder(model.width, model.feature_decoder_depth)
         trained += head(model.width) + head(model.projection_dim)
-        target = encoder(patches + 1) + head(model.width)
+        target = encoder_flops(model, patches + 1, model.channels) + head(model.width)
         trained += 2 * batch * model.projection_dim  # the InfoNCE logits row of one query
     return float(batch * (3 * trained + target))
+
+
+def maect_flops_per_step(config: Any, stage: Any) -> float:
+    """Analytic FLOPs of one step of MAE-CT stage 2 or 3, as model_flops_per_step counts.
+
+    `config` is the stage's config (train_maect.stage_config), `stage` its section of
+    config.stages. Per example, two whole views pass the encoder, projector and predictor;
+    the frozen part of the encoder (all of it in stage 2; patch embedding and the first
+    `frozen_blocks` blocks in stage 3) runs forward only, everything else 3x. The EMA
+    projector, the top-k lookup in the queue (query x queue) run forward only; the two
+    NNCLR logits rows (neighbour x batch) count 3x.
+    """
+    from cmae_jax.models import maect as maect_model
+
+    model = maect_model.build_model(config.model, config.input, config.maect)
+    grid = config.input.image_size // model.patch_size
+    tokens = grid * grid + 1
+    batch = config.input.global_batch_size
+    dim = model.projection_dim
+    channels = config.input.channels
+    if stage.freeze_encoder:
+        frozen, trained = encoder_flops(model, tokens, channels), 0.0
+    else:
+        frozen = encoder_flops(model, tokens, channels, depth=stage.frozen_blocks)
+        trained = encoder_flops(model, tokens, channels) - frozen
+    projector = mlp_head_flops([model.width, model.projector_hidden, model.projector_hidden, dim])
+    predictor = mlp_head_flops([dim, model.predictor_hidden, dim])
+    trained += projector + predictor + 2 * batch * dim  # one logits row per view
+    forward_only = frozen + 2 * config.maect.queue_size * dim
+    if stage.ema_momentum > 0:
+        forward_only += projector
+    return float(2 * batch * (3 * trained + forward_only))
 
 
 def estimated_cycles(hlo_text: str) -> int:
@@ -214,8 +271,12 @@ def compile_for_topology(config: Any, topology: str, num_train_examples: int) ->
 
     from cmae_jax import sharding, train_cmae, train_state
     from cmae_jax.data import masking
+    from cmae_jax.models import cmae as cmae_model
 
     chip, libtpu_name, num_chips = parse_topology(topology)
+    # The program is for TPUs, whatever this host's backend: 'auto' means bfloat16 there.
+    config = config.copy_and_resolve_references()
+    config.model.dtype = cmae_model.resolve_dtype(config.model.dtype, "tpu")
     devices = tpu_devices(chip, libtpu_name)
     start = time.time()
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -411,4 +472,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -81,7 +81,9 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.model.feature_decoder_depth = 2
     config.model.projector_hidden = 1536
     config.model.projection_dim = 256
-    config.model.dtype = "float32"  # 'bfloat16': bf16 compute, fp32 parameters.
+    # Compute dtype; parameters and optimiser state are float32 whatever it is. 'auto':
+    # bfloat16 on GPU and TPU, float32 on CPU (models.cmae.resolve_dtype).
+    config.model.dtype = "auto"
     # Memory levers. remat: 'none', 'full' (keep each block's input, recompute the rest in
     # the backward pass) or 'save_dots' (keep the linear layers' outputs, recompute
     # attention scores, norms, GELU). scan_layers: nn.scan over the blocks (parameters
@@ -140,6 +142,11 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
             poison_batches=(),
         )
     )
+
+    # JAX's persistent compilation cache (cmae_jax.compilation_cache): a rerun or a resumed
+    # run loads its compiled init and step from this folder instead of compiling them
+    # again. '' turns it off; a gs:// folder can serve every host of a pod.
+    config.compilation_cache_dir = "~/.cache/cmae_jax/jax_compilation_cache"
 
     config.log_every_steps = 100
     # > 0: trace this many steps (after 10 warm-up steps) into WORKDIR/profile/process_<i>

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     import cmae_jax.data  # noqa: F401  (hides the accelerators from TensorFlow, first)
-    from cmae_jax import sharding
+    from cmae_jax import compilation_cache, sharding
 
     # Before anything asks JAX for devices: afterwards the backend is fixed to this process.
     try:
@@ -67,6 +67,7 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         print(f"Flag error: {e}", file=sys.stderr)
         sys.exit(2)
+    compilation_cache.enable(config.get("compilation_cache_dir", ""))
     try:
         config_validation.validate(
             config, num_devices=jax.device_count(), process_count=jax.process_count()

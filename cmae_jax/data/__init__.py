@@ -4,7 +4,20 @@ TensorFlow here only feeds numpy batches to JAX; it must never claim the acceler
 JAX runs on, so importing any `cmae_jax.data` module hides GPUs/TPUs from TensorFlow.
 """
 
-import tensorflow as tf
+import sys
+
+# `import tensorflow` imports Keras, whose plotting helpers import matplotlib and pyplot;
+# the first import of pyplot on a machine builds matplotlib's font cache, which can take
+# minutes. Nothing here plots through Keras, so matplotlib is hidden while TensorFlow
+# loads (Keras then leaves those helpers unusable) and importable again afterwards.
+_hide_matplotlib = "tensorflow" not in sys.modules and "matplotlib" not in sys.modules
+if _hide_matplotlib:
+    sys.modules["matplotlib"] = None  # type: ignore[assignment]  # makes imports fail
+try:
+    import tensorflow as tf
+finally:
+    if _hide_matplotlib:
+        del sys.modules["matplotlib"]
 
 
 def _hide_accelerators_from_tf() -> None:

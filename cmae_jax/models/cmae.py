@@ -20,6 +20,19 @@ from cmae_jax.models.heads import MLPHead
 Dtype = Any
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPE_NAMES = (*_DTYPES, "auto")
+
+
+def resolve_dtype(name: str, platform: str | None = None) -> str:
+    """config.model.dtype as a compute dtype name: 'auto' is bfloat16 on GPU and TPU (their
+    matrix units run bf16 at full rate; parameters and optimiser state stay float32) and
+    float32 on CPU, where bf16 gains nothing. `platform` defaults to JAX's backend."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"config.model.dtype={name!r} is not one of {sorted(DTYPE_NAMES)}.")
+    if name != "auto":
+        return name
+    platform = jax.default_backend() if platform is None else platform
+    return "float32" if platform == "cpu" else "bfloat16"
 
 
 class CMAE(nn.Module):
@@ -151,9 +164,7 @@ def build_model(model_cfg: Any, input_cfg: Any, contrastive: bool | None = None)
         raise ValueError(
             f"config.input.image_size={image_size} is not divisible by the patch size {patch}."
         )
-    dtype_name = _get(model_cfg, "dtype", "float32")
-    if dtype_name not in _DTYPES:
-        raise ValueError(f"config.model.dtype={dtype_name!r} is not one of {sorted(_DTYPES)}.")
+    dtype_name = resolve_dtype(_get(model_cfg, "dtype", "float32"))
     try:
         remat = vit.remat_policy_name(_get(model_cfg, "remat", "none"))
     except ValueError as e:

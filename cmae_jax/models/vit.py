@@ -191,6 +191,35 @@ class HeadsProjection(nn.Module):
         return y + bias.astype(self.dtype)
 
 
+def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Softmax attention weights [B, heads, Lq, Lk] of q, k [B, L, heads, head_dim], float32.
+
+    The logits are accumulated and the softmax taken in float32 even under bf16 compute:
+    bf16 exp/sum loses too much precision.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = nn.with_logical_constraint(logits, ("batch", "activation_heads", None, None))
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) v for q, k, v [B, L, heads, head_dim], as one op.
+
+    On a GPU with 16-bit inputs this is cuDNN's fused (flash) attention, which never
+    writes the [B, heads, L, L] weights to memory; where cuDNN refuses the shapes at trace
+    time, and on CPU and TPU, it is XLA's einsum-softmax-einsum with float32 logits and
+    softmax, the same computation as `attention_weights`.
+    """
+    scale = q.shape[-1] ** -0.5
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (with bias) as in timm's ViT."""
 
@@ -219,15 +248,14 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, HEADS)
         k = nn.with_logical_constraint(k, HEADS)
         v = nn.with_logical_constraint(v, HEADS)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim**-0.5), k)
-        logits = nn.with_logical_constraint(logits, ("batch", "activation_heads", None, None))
-        # Softmax in float32 even under bf16 compute: bf16 exp/sum loses too much precision.
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        # Only stored when the caller makes 'intermediates' mutable (for attention maps).
-        self.sow("intermediates", "attention_weights", weights)
-        out = nn.with_logical_constraint(
-            jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v), HEADS
-        )
+        if self.is_mutable_collection("intermediates"):
+            # Attention maps were asked for: the weights must exist as an array.
+            weights = attention_weights(q, k)
+            self.sow("intermediates", "attention_weights", weights)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+        else:
+            out = dot_product_attention(q, k, v)
+        out = nn.with_logical_constraint(out, HEADS)
         # Kernel [heads, head_dim, width]: fan_in = fan_out = width (xavier on [width, width]).
         return HeadsProjection(
             kernel_shape=(self.num_heads, head_dim, width),
@@ -449,9 +477,11 @@ __all__: Sequence[str] = (
     "Encoder",
     "EncoderOutput",
     "MlpBlock",
+    "attention_weights",
     "block_class",
     "block_stack",
     "count_params",
+    "dot_product_attention",
     "drop_path",
     "encoder_from_variant",
     "parse_variant",

@@ -1,0 +1,556 @@
+r"""Train-step benchmark: the trainers' own jitted update step, images/s, FLOPs and MFU.
+
+    python benchmarks/train_step.py --config=configs/mae_vitb.py --batch=8 --vs=hf
+    python benchmarks/train_step.py --config=configs/fashion_mnist_cmae.py --input=pipeline
+    python benchmarks/train_step.py --config=configs/cmae_vitb.py --batch=16 --input=synthetic
+    python benchmarks/train_step.py --config=configs/maect_vitb.py --stage=3_tune --batch=8
+    python benchmarks/train_step.py --config=configs/cmae_vitl.py --batch=128 --dtype=bfloat16
+
+For the config (MAE, CMAE, or one MAE-CT stage) on the current backend it builds the step
+exactly as the trainer does (cmae_jax.train_cmae / train_maect builders: model, AdamW, EMA
+target, shardings, donation) and prints:
+
+- compile time and memory: the compiled program's (arguments + outputs - donated +
+  temporaries) and the peak the devices report (GPU/TPU) or the process's peak RSS (CPU);
+- images/s of the step on one batch kept on the devices (--input=random), the median of
+  --rounds rounds of --steps steps after --warmup steps;
+- the analytic model FLOPs per image (cmae_jax.aot's count: matmuls and attention,
+  forward + backward) and MFU = FLOPs/image x images/s / peak. The peak: on CPU a matmul
+  of the compute dtype measured in the same run on the same cores (so MFU is "of what
+  XLA's matmul reaches here"); on GPU/TPU the chip's bf16 dense peak (--peak_tflops
+  overrides);
+- with --input=pipeline (the config's dataset) or --input=synthetic (generated images,
+  no file reads or decoding): the input pipeline's own images/s on this process's cores,
+  and the step's images/s when the pipeline feeds it, as in training;
+- with --vs=hf: HF transformers' ViTMAEForPreTraining (PyTorch, CPU, same encoder and
+  decoder sizes, mask ratio, norm-pix loss, AdamW) on the same batch size, its rounds
+  alternating with ours so that machine noise hits both, and the ratio ours / theirs.
+
+One process; with --json_out every number is also written as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from cmae_jax import aot  # noqa: E402  (after the repository is on the path)
+
+FLAGS = flags.FLAGS
+STAGES = ("1_mae", "2_head", "3_tune")
+# Schedules only set lr / EMA values inside the step; any lengths compile the same program.
+STEPS_PER_EPOCH, TOTAL_STEPS = 1000, 100_000
+
+# bf16 dense tensor-core peaks (TFLOP/s per GPU, no sparsity) from NVIDIA's data sheets,
+# matched against jax's device_kind in this order; fp16 where the GPU has no bf16 (V100, T4).
+GPU_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+)
+# jax's device_kind of each TPU generation -> cmae_jax.aot.CHIPS.
+TPU_KINDS = (("v6 lite", "v6e"), ("v6e", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"))
+TPU_KINDS += (("v5p", "v5p"), ("v5", "v5p"), ("v4", "v4"))
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, so that tests can import the module)."""
+    config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
+    flags.DEFINE_integer("batch", 0, "Global batch size (0: the config's).")
+    flags.DEFINE_integer("steps", 5, "Timed steps per round.")
+    flags.DEFINE_integer("rounds", 3, "Timed rounds (alternating with HF under --vs=hf).")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "auto"], "Compute dtype.")
+    flags.DEFINE_enum("vs", "none", ["none", "hf"], "Also time HF ViTMAEForPreTraining.")
+    flags.DEFINE_enum(
+        "input",
+        "random",
+        ["random", "pipeline", "synthetic"],
+        "random: one batch kept on the devices; pipeline: also the config's tf.data input "
+        "pipeline; synthetic: that pipeline on generated images (no reads, no decoding).",
+    )
+    flags.DEFINE_string("synthetic_size", "375x500", "HxW of the generated images.")
+    flags.DEFINE_enum("stage", None, list(STAGES), "MAE-CT: the stage (default: all three).")
+    flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU (0: automatic).")
+    flags.DEFINE_string("json_out", None, "Also write the results as JSON to this file.")
+    flags.mark_flags_as_required(["config"])
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def apply_overrides(config: Any, batch: int, dtype: str | None) -> Any:
+    """A copy of `config` with the global batch (every MAE-CT stage's too) and dtype set."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        if batch:
+            config.input.global_batch_size = batch
+            for section in config.get("stages", {}).values():
+                section.input.global_batch_size = batch
+        if dtype:
+            config.model.dtype = dtype
+    return config
+
+
+def stage_setup(config: Any, stage: str | None) -> tuple[Any, Any]:
+    """(the config the step trains with, its MAE-CT stage section or None)."""
+    from cmae_jax import train_maect
+
+    if stage is None or stage == "1_mae":
+        return (config if stage is None else train_maect.stage_config(config, stage)), None
+    section = config.stages[train_maect.STAGE_SECTIONS[stage]]
+    return train_maect.stage_config(config, stage), section
+
+
+def flops_per_image(config: Any, stage: str | None = None) -> float:
+    """The analytic model FLOPs of one step per example (cmae_jax.aot's count)."""
+    step_config, section = stage_setup(config, stage)
+    if section is None:
+        flops = aot.model_flops_per_step(step_config)
+    else:
+        flops = aot.maect_flops_per_step(step_config, section)
+    return flops / step_config.input.global_batch_size
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def build_step(config: Any, stage: str | None, mesh: Any, rules: Any) -> tuple[Any, Any]:
+    """(jitted step, initial sharded state), built with the trainer's own functions."""
+    import jax
+
+    from cmae_jax import sharding, train_cmae, train_maect, train_state
+
+    step_config, section = stage_setup(config, stage)
+    rng = jax.random.key(step_config.seed)
+    if section is None:
+        model, tx, lr, momentum = train_cmae.make_model_and_optimizer(
+            step_config, STEPS_PER_EPOCH, TOTAL_STEPS
+        )
+        init = train_cmae.make_init_state(model, tx, step_config)
+        state, shardings, _ = train_state.create_sharded_state(init, rng, mesh, rules)
+        step = train_cmae.jit_train_step(model, step_config, tx, lr, momentum, shardings, mesh)
+        return step, state
+    model, tx, schedules = train_maect.make_model_and_optimizer(
+        step_config, section, STEPS_PER_EPOCH, TOTAL_STEPS
+    )
+    init = train_maect.make_init_state(model, tx, step_config, section)
+    state, shardings, _ = train_state.create_sharded_state(init, rng, mesh, rules)
+    # As train_maect.train_stage jits it.
+    step = jax.jit(
+        train_maect.make_train_step(model, step_config, stage, section, tx, schedules),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return step, state
+
+
+def random_batch(config: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch of the arrays the input pipeline feeds the step, filled at random."""
+    from cmae_jax.data import masking
+
+    inp = config.input
+    rng = np.random.default_rng(seed)
+    b, size, channels = inp.global_batch_size, inp.image_size, inp.channels
+
+    def images():
+        return rng.normal(size=(b, size, size, channels)).astype(np.float32)
+
+    batch = {
+        "label": rng.integers(0, 10, b).astype(np.int32),
+        "index": np.arange(b, dtype=np.int32),
+    }
+    if inp.get("views") in ("two_crops", "two_crops_aug"):
+        return {**batch, "view1": images(), "view2": images()}
+    grid = size // inp.patch_size
+    keep, _ = masking.mask_counts(grid, inp)
+    order = np.argsort(rng.random((b, grid * grid)), axis=1).astype(np.int32)
+    batch.update(
+        online=images(),
+        ids_keep=np.sort(order[:, :keep], axis=1),
+        ids_mask=np.sort(order[:, keep:], axis=1),
+    )
+    if inp.target_view:
+        batch["target"] = images()
+    return batch
+
+
+def compiled_memory_bytes(compiled: Any) -> int:
+    """Arguments + outputs - donated + temporaries + code of a compiled program."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+        + m.generated_code_size_in_bytes
+    )
+
+
+class Runner:
+    """Runs a step function on its state; `run(n)` returns the seconds of n steps."""
+
+    def __init__(
+        self,
+        step: Callable[[Any, Any], tuple[Any, dict[str, Any]]],
+        state: Any,
+        batches: Callable[[], Any],
+        wait: Callable[[Any], Any] = lambda x: x,
+    ) -> None:
+        self.step, self.state, self.batches, self.wait = step, state, batches, wait
+        self.loss = float("nan")
+
+    def run(self, num_steps: int) -> float:
+        """Runs num_steps steps and waits for the last one; returns the seconds taken."""
+        start = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        for _ in range(num_steps):
+            self.state, metrics = self.step(self.state, self.batches())
+        self.wait((self.state, metrics))
+        seconds = time.perf_counter() - start
+        if metrics:
+            self.loss = float(metrics["loss"])
+        return seconds
+
+
+# ----------------------------------------------------------------------------- peak
+
+
+def measured_matmul_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` under jit on this backend: the best of
+    `repeats` runs (fastest = least disturbed by other load)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def device_peak_flops(device: Any, compute_dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from)."""
+    if FLAGS.peak_tflops:
+        return FLAGS.peak_tflops * 1e12, "--peak_tflops"
+    kind = str(device.device_kind)
+    if device.platform == "cpu":
+        flops = measured_matmul_flops(compute_dtype)
+        return flops, f"{compute_dtype} 2048^3 matmul measured in this run"
+    if device.platform == "tpu":
+        for name, chip in TPU_KINDS:
+            if name in kind.lower():
+                return aot.CHIPS[chip].peak_tflops * 1e12, f"{aot.CHIPS[chip].name} bf16 peak"
+    if device.platform == "gpu":
+        for name, tflops in GPU_PEAK_TFLOPS:
+            if name in kind:
+                return tflops * 1e12, f"{name} bf16 dense peak"
+    raise ValueError(f"No peak FLOP/s known for {kind!r}: give --peak_tflops.")
+
+
+def peak_memory_bytes(device: Any) -> tuple[int, str]:
+    """The devices' reported peak use (GPU/TPU), else this process's peak RSS."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+# ----------------------------------------------------------------------------- HF ViTMAE
+
+
+def hf_vitmae_runner(config: Any) -> tuple[Runner, dict[str, Any]]:
+    """HF ViTMAEForPreTraining with our encoder/decoder sizes, mask ratio, norm-pix loss and
+    AdamW (betas 0.9/0.95, wd 0.05) on a fixed random batch, in PyTorch on the CPU."""
+    import torch
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from cmae_jax.models import cmae as cmae_model
+
+    if config.loss.contrastive_weight > 0 or config.input.mask_type != "random":
+        raise ValueError(
+            "--vs=hf compares plain MAE (HF ViTMAE has random masking and no contrastive "
+            "branch): use configs/mae_*.py or a MAE-CT config's stage 1_mae."
+        )
+    ours = cmae_model.build_model(config.model, config.input, contrastive=False)
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf_config = ViTMAEConfig(
+        image_size=config.input.image_size,
+        patch_size=ours.patch_size,
+        num_channels=ours.channels,
+        hidden_size=ours.width,
+        num_hidden_layers=ours.depth,
+        num_attention_heads=ours.num_heads,
+        intermediate_size=ours.mlp_dim,
+        decoder_hidden_size=ours.pixel_decoder_width,
+        decoder_num_hidden_layers=ours.pixel_decoder_depth,
+        decoder_num_attention_heads=ours.pixel_decoder_heads,
+        decoder_intermediate_size=4 * ours.pixel_decoder_width,
+        mask_ratio=config.input.mask_ratio,
+        norm_pix_loss=config.loss.norm_pix,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = ViTMAEForPreTraining(hf_config).train()
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(opt.b1, opt.b2), weight_decay=opt.weight_decay
+    )
+    b, size = config.input.global_batch_size, config.input.image_size
+    pixels = torch.randn(b, ours.channels, size, size)
+    bf16 = cmae_model.resolve_dtype(config.model.dtype, "cpu") == "bfloat16"
+
+    def step(state: None, batch: None) -> tuple[None, dict[str, Any]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(pixel_values=pixels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return state, {"loss": loss.detach()}
+
+    info = {
+        "transformers_attention": hf_config._attn_implementation,
+        "torch_threads": threads,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "torch": torch.__version__,
+    }
+    return Runner(step, None, lambda: None), info
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def input_source(config: Any, kind: str) -> Any:
+    """The config's training source, or generated images of --synthetic_size."""
+    from cmae_jax.data import sources
+
+    if kind == "pipeline":
+        return sources.make_source(config.dataset, config.dataset.train_split)
+    height, width = (int(v) for v in FLAGS.synthetic_size.lower().split("x"))
+    examples = max(16 * config.input.global_batch_size, 1024)
+    return sources.SyntheticSource(examples, height, width, channels=config.input.channels)
+
+
+def pipeline_batches(config: Any, source: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The trainer's numpy batches ('corrupt' removed, as pipeline.SkipCounter does)."""
+    from cmae_jax.data import pipeline
+
+    batches = pipeline.train_dataset(config, source, start_step=0).as_numpy_iterator()
+    return pipeline.SkipCounter(batches, source)
+
+
+def time_pipeline(batches: Iterator[Any], num_batches: int) -> float:
+    """Seconds for `num_batches` batches of the pipeline alone (after 2 of warm-up)."""
+    for _ in range(2):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(batches)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
+    """Compiles and times the step of `config` (MAE-CT: of `stage`); returns the figures."""
+    import flax.linen as nn
+    import jax
+
+    from cmae_jax import sharding
+    from cmae_jax.models import cmae as cmae_model
+
+    step_config, _ = stage_setup(config, stage)
+    batch_size = step_config.input.global_batch_size
+    mesh = sharding.make_mesh(step_config.mesh)
+    rules = sharding.logical_axis_rules(step_config.logical_axis_rules)
+    batch_sharding = sharding.batch_sharding(mesh)
+    dtype = cmae_model.resolve_dtype(step_config.model.dtype)
+    device = jax.devices()[0]
+    result: dict[str, Any] = {
+        "config": config_flags.get_config_filename(FLAGS["config"]),
+        "stage": stage,
+        "method": step_config.method if stage in (None, "1_mae") else "maect",
+        "variant": step_config.model.variant,
+        "global_batch": batch_size,
+        "dtype": dtype,
+        "remat": str(step_config.model.get("remat", "none")),
+        "scan_layers": bool(step_config.model.get("scan_layers", False)),
+        "backend": jax.default_backend(),
+        "device_kind": str(device.device_kind),
+        "devices": jax.device_count(),
+        "cores": len(os.sched_getaffinity(0)),
+        "machine": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "mesh": dict(mesh.shape),
+    }
+    start = time.perf_counter()
+    step, state = build_step(config, stage, mesh, rules)
+    jax.block_until_ready(state)
+    result["init_s"] = time.perf_counter() - start
+
+    # The pipeline (when measured) supplies the first batch, so that the step compiles for
+    # exactly its arrays; the timed steps reuse that batch on the devices.
+    if FLAGS.input == "random":
+        local = random_batch(step_config)
+    else:
+        source = input_source(step_config, FLAGS.input)
+        batches = pipeline_batches(step_config, source)
+        local = next(batches)
+    device_batch = sharding.global_batch(local, batch_sharding)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        start = time.perf_counter()
+        compiled = step.lower(state, device_batch).compile()
+        result["compile_s"] = time.perf_counter() - start
+        result["program_memory_gib"] = compiled_memory_bytes(compiled) / 2**30
+        ours = Runner(compiled, state, lambda: device_batch, jax.block_until_ready)
+        ours.run(FLAGS.warmup)
+
+        theirs = None
+        if FLAGS.vs == "hf":
+            theirs, result["hf"] = hf_vitmae_runner(step_config)
+            theirs.run(FLAGS.warmup)
+        our_times, their_times = [], []
+        for _ in range(FLAGS.rounds):
+            our_times.append(ours.run(FLAGS.steps))
+            if theirs is not None:
+                their_times.append(theirs.run(FLAGS.steps))
+        result["loss_last"] = ours.loss
+
+        if FLAGS.input != "random":
+            num_batches = FLAGS.steps * FLAGS.rounds
+            seconds = time_pipeline(batches, num_batches)
+            result["pipeline_images_per_s"] = num_batches * batch_size / seconds
+            fed = sharding.prefetch_to_devices(batches, batch_sharding)
+            fed_runner = Runner(compiled, ours.state, lambda: next(fed), jax.block_until_ready)
+            fed_runner.run(FLAGS.warmup)
+            seconds = fed_runner.run(num_batches)
+            result["fed_step_images_per_s"] = num_batches * batch_size / seconds
+            result["input"] = f"{FLAGS.input} ({source.name})"
+
+    per_round = [FLAGS.steps * batch_size / t for t in our_times]
+    result["images_per_s"] = statistics.median(per_round)
+    result["images_per_s_rounds"] = per_round
+    result["gflops_per_image"] = flops_per_image(config, stage) / 1e9
+    peak, peak_source = device_peak_flops(device, dtype)
+    result["peak_tflops_per_device"] = peak / 1e12
+    result["peak_source"] = peak_source
+    total_peak = peak * result["devices"]
+    result["mfu"] = result["gflops_per_image"] * 1e9 * result["images_per_s"] / total_peak
+    memory, memory_source = peak_memory_bytes(device)
+    result["peak_memory_gib"], result["peak_memory_source"] = memory / 2**30, memory_source
+    if their_times:
+        hf_rounds = [FLAGS.steps * batch_size / t for t in their_times]
+        result["hf"]["images_per_s"] = statistics.median(hf_rounds)
+        result["hf"]["images_per_s_rounds"] = hf_rounds
+        result["hf"]["mfu"] = (
+            result["gflops_per_image"] * 1e9 * result["hf"]["images_per_s"] / total_peak
+        )
+        result["ours_over_hf"] = result["images_per_s"] / result["hf"]["images_per_s"]
+    return result
+
+
+def describe(r: dict[str, Any]) -> str:
+    """Readable lines about one benchmarked step."""
+    stage = f" stage {r['stage']}" if r["stage"] else ""
+    lines = [
+        f"{r['method'].upper()}{stage} {r['variant']}, global batch {r['global_batch']}, "
+        f"{r['dtype']}, remat {r['remat']}, scan {r['scan_layers']}, mesh {r['mesh']}",
+        f"  {r['devices']} x {r['device_kind']} ({r['backend']}), {r['cores']} cores, "
+        f"jax {r['jax']}",
+        f"  init {r['init_s']:.1f} s, compile {r['compile_s']:.1f} s; memory: program "
+        f"{r['program_memory_gib']:.3g} GiB, {r['peak_memory_source']} "
+        f"{r['peak_memory_gib']:.3g} GiB",
+        f"  model FLOPs: {r['gflops_per_image']:.4g} GFLOP per image; peak "
+        f"{r['peak_tflops_per_device']:.4g} TFLOP/s per device ({r['peak_source']})",
+        f"  ours: {r['images_per_s']:.4g} images/s (median of "
+        f"{', '.join(f'{x:.4g}' for x in r['images_per_s_rounds'])}), "
+        f"MFU {100 * r['mfu']:.1f}%",
+    ]
+    if "hf" in r and "images_per_s" in r["hf"]:
+        hf = r["hf"]
+        lines += [
+            f"  HF ViTMAE (torch {hf['torch']}, {hf['torch_threads']} threads, attention "
+            f"{hf['transformers_attention']}): {hf['images_per_s']:.4g} images/s (median of "
+            f"{', '.join(f'{x:.4g}' for x in hf['images_per_s_rounds'])}), "
+            f"MFU {100 * hf['mfu']:.1f}%",
+            f"  ours / HF: {r['ours_over_hf']:.2f}x",
+        ]
+    if "pipeline_images_per_s" in r:
+        lines.append(
+            f"  input {r['input']}: pipeline alone {r['pipeline_images_per_s']:.4g} images/s; "
+            f"step fed by it {r['fed_step_images_per_s']:.4g} images/s (step alone "
+            f"{r['images_per_s']:.4g})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    """Benchmarks the step of the config (each MAE-CT stage in turn) and prints the figures."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    import cmae_jax.data  # noqa: F401  (hides the accelerators from TensorFlow, first)
+    from cmae_jax import config_validation
+
+    config = apply_overrides(FLAGS.config, FLAGS.batch, FLAGS.dtype)
+    if config.method == "maect":
+        stages = [FLAGS.stage] if FLAGS.stage else list(STAGES)
+    elif FLAGS.stage:
+        raise app.UsageError(f"--stage is for MAE-CT configs; this one is {config.method!r}.")
+    else:
+        stages = [None]
+    import jax
+
+    try:
+        config_validation.validate(config, num_devices=jax.device_count(), check_data=False)
+    except (ValueError, config_validation.ConfigError) as e:
+        print(f"Config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    results = []
+    for stage in stages:
+        result = benchmark(config, stage)
+        print(describe(result), flush=True)
+        results.append(result)
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,179 @@
+"""Speed work kept honest: FLOP counts by hand, the compilation cache, the fused attention,
+and start-up without matplotlib."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmae_jax.config_defaults import fashion_mnist_config, fashion_mnist_maect_config
+from cmae_jax.models import cmae as cmae_model
+from cmae_jax.models import vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import train_step as benchmark  # noqa: E402  (benchmarks/ is not a package)
+
+
+def matmul_flops(*shapes: tuple[int, int, int]) -> int:
+    """2 m k n for each (m, k, n)."""
+    return sum(2 * m * k * n for m, k, n in shapes)
+
+
+def block_matmuls(tokens: int, width: int, mlp: int) -> list[tuple[int, int, int]]:
+    """The matmuls of one transformer block on one sequence (per head summed)."""
+    t, w = tokens, width
+    return [(t, w, 3 * w), (t, t, w), (t, t, w), (t, w, w), (t, w, mlp), (t, mlp, w)]
+
+
+def tiny_mae_config():
+    """16 px grey images, patch 4 (16 patches, 4 visible), encoder 32 x 2, decoder 16 x 1."""
+    config = fashion_mnist_config("mae")
+    config.input.global_batch_size = 2
+    config.input.image_size = 16
+    config.model.width = 32
+    config.model.depth = 2
+    config.model.num_heads = 2
+    config.model.pixel_decoder_width = 16
+    config.model.pixel_decoder_depth = 1
+    config.model.pixel_decoder_heads = 2
+    return config
+
+
+def test_benchmark_flops_of_a_tiny_mae_equal_a_hand_count():
+    config = tiny_mae_config()
+    # Encoder on cls + 4 visible patches: embedding of the 4 patches (16 pixels -> 32), two
+    # blocks. Decoder: embed 5 tokens 32 -> 16, one block on cls + 16 patches, prediction
+    # 16 -> 16 pixels of each of the 17 tokens.
+    encoder = matmul_flops((4, 16, 32), *block_matmuls(5, 32, 128) * 2)
+    decoder = matmul_flops((5, 32, 16), *block_matmuls(17, 16, 64), (17, 16, 16))
+    by_hand = 3 * (encoder + decoder)  # forward + backward, per image
+    assert benchmark.flops_per_image(config) == by_hand
+
+
+def test_benchmark_flops_of_a_maect_stage_equal_a_hand_count():
+    config = fashion_mnist_maect_config()
+    config.model.width, config.model.depth, config.model.num_heads = 32, 2, 2
+    config.input.image_size = 16
+    config.maect.update(projector_hidden=64, predictor_hidden=48, projection_dim=8)
+    config.maect.queue_size = 100
+    config.stages.tune.input.global_batch_size = 4
+    config.stages.tune.frozen_blocks = 1
+    # Stage 3: block 0 and the patch embedding frozen (forward only), block 1 and the
+    # heads trained; per view: 16 patches + cls.
+    frozen = matmul_flops((16, 16, 32), *block_matmuls(17, 32, 128))
+    trained = matmul_flops(
+        *block_matmuls(17, 32, 128),
+        (1, 32, 64),  # projector
+        (1, 64, 64),
+        (1, 64, 8),
+        (1, 8, 48),  # predictor
+        (1, 48, 8),
+        (1, 8, 4),  # the NNCLR logits row against the batch of 4
+    )
+    ema_projector = matmul_flops((1, 32, 64), (1, 64, 64), (1, 64, 8))
+    lookup = matmul_flops((1, 8, 100))  # against the queue of 100
+    per_view = 3 * trained + frozen + ema_projector + lookup
+    assert benchmark.flops_per_image(config, "3_tune") == 2 * per_view
+
+
+def test_compilation_cache_is_hit_by_a_second_run(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys
+        import jax
+        import jax.numpy as jnp
+        from jax._src import monitoring
+        from cmae_jax import compilation_cache
+
+        compilation_cache.enable(sys.argv[1])
+        # Store even this tiny program (JAX's threshold is 1 s of compile time).
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        events = []
+        monitoring.register_event_listener(lambda name, **kw: events.append(name))
+        jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((4, 4))).block_until_ready()
+        print("hits", events.count("/jax/compilation_cache/cache_hits"))
+        """
+    )
+    cache = tmp_path / "cache"
+
+    def run():
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(cache)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split("hits")[-1])
+
+    assert run() == 0
+    assert any(cache.iterdir())
+    assert run() >= 1
+
+
+def test_attention_equals_the_explicit_softmax_within_float32_tolerance():
+    width, heads = 16, 4
+    attention = vit.Attention(heads)
+    x = jax.random.normal(jax.random.key(0), (2, 7, width))
+    variables = attention.init(jax.random.key(1), x)
+    params = nn.meta.unbox(variables["params"])
+    # The parameter tree is the one checkpoints hold: fused qkv and output projection.
+    assert jax.tree.map(np.shape, params) == {
+        "qkv": {"kernel": (width, 3, heads, 4), "bias": (3, heads, 4)},
+        "proj": {"kernel": (heads, 4, width), "bias": (width,)},
+    }
+    fused = attention.apply({"params": params}, x)
+    # With 'intermediates' mutable the weights are formed explicitly (attention maps).
+    explicit, state = attention.apply({"params": params}, x, mutable=["intermediates"])
+    (weights,) = state["intermediates"]["attention_weights"]
+
+    # NumPy: softmax(q k^T / sqrt(d)) v per head, then the output projection.
+    qkv = np.einsum("bld,dthk->blthk", np.asarray(x), np.asarray(params["qkv"]["kernel"]))
+    q, k, v = np.moveaxis(qkv + np.asarray(params["qkv"]["bias"]), 2, 0)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(4)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", w, v)
+    reference = np.einsum("blhk,hkd->bld", out, np.asarray(params["proj"]["kernel"]))
+    reference += np.asarray(params["proj"]["bias"])
+    np.testing.assert_allclose(weights, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(explicit, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+    assert cmae_model.resolve_dtype("auto", "cpu") == "float32"
+    assert cmae_model.resolve_dtype("auto", "gpu") == "bfloat16"
+    assert cmae_model.resolve_dtype("auto", "tpu") == "bfloat16"
+    assert cmae_model.resolve_dtype("float32", "tpu") == "float32"
+    assert fashion_mnist_config("cmae").model.dtype == "auto"
+    config = fashion_mnist_config("cmae")
+    assert cmae_model.build_model(config.model, config.input).dtype == (
+        jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    )
+    with pytest.raises(ValueError, match="config.model.dtype='float16'"):
+        cmae_model.resolve_dtype("float16")
+
+
+def test_the_training_path_imports_no_matplotlib():
+    # Keras (imported by TensorFlow) would import pyplot, whose first import on a machine
+    # builds the font cache; the trainers plot nothing with it.
+    script = (
+        "import sys; import cmae_jax.main, cmae_jax.train_cmae, cmae_jax.train_maect; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
