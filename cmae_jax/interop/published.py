@@ -272,8 +272,11 @@ def config_of(imported: ImportedCheckpoint) -> dict[str, Any]:
 
 
 def run_config(path: str) -> dict[str, Any]:
-    """config_of the checkpoint at `path` (what checkpointing.run_config_json returns)."""
-    return config_of(import_checkpoint(path))
+    """config_of the checkpoint at `path` (what checkpointing.run_config_json returns), its
+    config.model holding only what the checkpoint decides (so that an evaluation keeps its
+    own dtype, remat and scan_layers)."""
+    imported = import_checkpoint(path)
+    return {**config_of(imported), "model": imported.architecture.model_config()}
 
 
 def saved_structure(path: str) -> dict[str, Any]:
