@@ -400,8 +400,20 @@ def layouts(reference, tmp_path_factory):
     torch.save({"model": mae_state_dict(sd, True), "args": args, "epoch": 3}, paths["mae_full"])
     torch.save({"model": mae_state_dict(sd, False)}, paths["mae_encoder"])
     save_file({k: v.contiguous() for k, v in mae_state_dict(sd, False).items()}, paths["timm"])
+    # HF folders: current key names (the model's own state dict) and ViTMAEModel alone.
+    paths["hf_current_names"] = folder / "hf_current_names"
+    reference.config.save_pretrained(paths["hf_current_names"])
+    save_file(
+        {k: v.contiguous() for k, v in sd.items()}, paths["hf_current_names"] / "model.safetensors"
+    )
+    paths["hf_encoder"] = folder / "hf_encoder"
+    reference.vit.save_pretrained(paths["hf_encoder"])
     heads = {"cmae": cmae_heads(), "maect": maect_heads()}
     write_cmae(paths["cmae"], sd, heads["cmae"])
+    # tools/extract_backbone_weights.py: the online encoder alone, without its prefix.
+    paths["cmae_backbone"] = folder / "cmae_backbone.pth"
+    backbone = cmae_encoder(mae_state_dict(sd, with_decoder=False))
+    torch.save({"state_dict": backbone, "author": "CMAE"}, paths["cmae_backbone"])
     paths["maect"] = write_maect_stage(folder / "maect_stage3", sd, heads["maect"])
     return {k: str(v) for k, v in paths.items()}, heads
 
@@ -412,7 +424,7 @@ def test_every_layout_gives_the_same_trees(hf_folder, layouts):
     for name, path in paths.items():
         imported = import_checkpoint(path)
         same_trees(imported.params["encoder"], hf["encoder"])
-        if name != "mae_encoder" and name != "timm":
+        if name not in ("mae_encoder", "timm", "hf_encoder", "cmae_backbone"):
             same_trees(imported.params["pixel_decoder"], hf["pixel_decoder"])
     assert set(import_checkpoint(paths["mae_encoder"]).params) == {"encoder"}
     assert "decoder absent" in import_checkpoint(paths["timm"]).report()

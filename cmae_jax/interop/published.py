@@ -30,7 +30,12 @@ from cmae_jax.interop import (
 from cmae_jax.interop.architecture import Architecture, decoder_sizes, encoder_architecture
 
 # Weight files of a model folder (HF transformers, timm hub), in the order looked for.
-FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+FOLDER_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # MAE's evaluation view: resize to 256, centre crop 224.
 EVAL_CROP_FRACTION = 0.875
 
@@ -169,7 +174,7 @@ def _decoders(
     checkpoint: torch_layout.TorchCheckpoint,
     architecture: Architecture,
     side: int | None,
-    encoder_perm: np.ndarray,
+    encoder_perm: np.ndarray | None,
     params: dict[str, Any],
 ) -> Architecture:
     """Converts the pixel and feature decoders into `params`; returns the architecture
@@ -188,16 +193,22 @@ def _decoders(
         )
         if not fits_model:
             checkpoint.left_out.append(
-                f"{what}: {dims} does not fit this project's CMAE (output {out_dim}"
-                + (f", width {pixel.width}" if pixel else "")
-                + ")"
+                f"{what} ({dims.width} wide, {dims.num_heads} heads, output {dims.out_dim}): "
+                f"this project's CMAE needs output {out_dim}"
+                + (" and the pixel decoder's width and heads" if pixel else "")
             )
             continue
         perm = _position_order(part, side, what, checkpoint, is_encoder=False)
-        own = np.arange(dims.width) if perm is None else perm
         tree = torch_layout.decoder_params(part, dims.num_heads, what)
-        output_perm = encoder_perm if name == "feature_decoder" else None
-        params[name] = positions.permute_decoder(tree, encoder_perm, own, output_perm)
+        if perm is not None or encoder_perm is not None:
+            keep = lambda p, n: np.arange(n) if p is None else p
+            tree = positions.permute_decoder(
+                tree,
+                keep(encoder_perm, architecture.width),
+                keep(perm, dims.width),
+                encoder_perm if name == "feature_decoder" else None,
+            )
+        params[name] = tree
         sizes[name] = dims
     return dataclasses.replace(architecture, **sizes)
 
@@ -220,16 +231,19 @@ def import_checkpoint(path: str) -> ImportedCheckpoint:
             architecture = dataclasses.replace(architecture, image_size=checkpoint.image_size)
         size, patch = architecture.image_size, architecture.patch_size
         side = size // patch if size else None
-        perm = _position_order(encoder_part, side, "encoder", checkpoint, is_encoder=True)
-        encoder_perm = np.arange(architecture.width) if perm is None else perm
+        # The channel order that makes our table apply (None: the stored one is ours).
+        encoder_perm = _position_order(encoder_part, side, "encoder", checkpoint, is_encoder=True)
         encoder = torch_layout.encoder_params(encoder_part, architecture.num_heads)
-        params = {"encoder": positions.permute_encoder(encoder, encoder_perm)}
+        if encoder_perm is not None:
+            encoder = positions.permute_encoder(encoder, encoder_perm)
+        params = {"encoder": encoder}
         architecture = _decoders(checkpoint, architecture, side, encoder_perm, params)
         batch_stats = {}
         for name in ("projector", "predictor"):
             if name in checkpoint.parts:
                 head, stats = torch_layout.head_params(checkpoint.parts[name], name)
-                if name == "projector":  # it reads the encoder's (feature decoder's) channels
+                if name == "projector" and encoder_perm is not None:
+                    # It reads the encoder's (and feature decoder's) channels.
                     head = positions.permute_head_input(head, encoder_perm)
                 params[name] = head
                 batch_stats[name] = stats
@@ -272,8 +286,11 @@ def config_of(imported: ImportedCheckpoint) -> dict[str, Any]:
 
 
 def run_config(path: str) -> dict[str, Any]:
-    """config_of the checkpoint at `path` (what checkpointing.run_config_json returns)."""
-    return config_of(import_checkpoint(path))
+    """config_of the checkpoint at `path` (what checkpointing.run_config_json returns), its
+    config.model holding only what the checkpoint decides (so that an evaluation keeps its
+    own dtype, remat and scan_layers)."""
+    imported = import_checkpoint(path)
+    return {**config_of(imported), "model": imported.architecture.model_config()}
 
 
 def saved_structure(path: str) -> dict[str, Any]:

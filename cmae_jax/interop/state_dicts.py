@@ -9,6 +9,7 @@ as inert `UnreadObject`s instead of being rebuilt by their own code.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -16,6 +17,7 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+from etils import epath
 
 SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".th", ".ckpt")
@@ -87,8 +89,7 @@ def _as_float32(array: np.ndarray) -> np.ndarray:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    with open(path, "rb") as f:
-        data = f.read()
+    data = epath.Path(path).read_bytes()  # local or gs://
     try:
         entries = safetensors.deserialize(data)
     except Exception as e:  # SafetensorError, or a bad header's own error
@@ -130,7 +131,10 @@ def _read_torch(path: str) -> Any:
         import torch
     except ImportError:
         raise CheckpointFileError(f"{path}: {TORCH_INSTALL_HINT}.") from None
-    with open(path, "rb") as f:
+    local = "://" not in str(path)
+    # A cloud file (gs://) is read into memory; a local one is memory-mapped.
+    source = path if local else io.BytesIO(epath.Path(path).read_bytes())
+    with epath.Path(path).open("rb") as f:
         magic = f.read(4)
     zipped = magic == _ZIP_MAGIC
     if not zipped and not magic.startswith(_PICKLE_MAGIC):
@@ -140,9 +144,12 @@ def _read_torch(path: str) -> Any:
         )
     try:
         # Other libraries' objects (unknown to weights_only) load as inert stand-ins.
-        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipped else []
+        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(source) if zipped else []
+        if not local:
+            source.seek(0)
         with torch.serialization.safe_globals([(UnreadObject, name) for name in foreign]):
-            content = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+            mmap = zipped and local
+            content = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # zip / unpickling errors of damaged files
         if zipped:
             raise CheckpointFileError(
