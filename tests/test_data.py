@@ -527,8 +527,9 @@ def test_processes_split_the_global_batch():
 
 def test_train_config_errors():
     source = synthetic_source()
-    with pytest.raises(ValueError, match=r"config\.input\.channels"):
-        pipeline.train_dataset(make_config(channels=3), source, start_step=0)
+    # Grey sources feed 3-channel encoders (repeated); an RGB source cannot feed a grey one.
+    with pytest.raises(ValueError, match=r"config\.input\.channels=1 .* has 3 channel"):
+        pipeline.train_dataset(make_config(channels=1), synthetic_source(channels=3), start_step=0)
     config = make_config()
     config.input.patch_size = 5
     with pytest.raises(ValueError, match=r"config\.input\.image_size=16.*patch_size=5"):
