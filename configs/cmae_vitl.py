@@ -12,12 +12,12 @@ size fine-tunes to 85.9% (linear probe 75.8%) after 1600 epochs, and MAE ViT-L n
 The feature decoder projects to 1024 (the encoder width), not the official 768 (ViT-B's).
 """
 
-from cmae_jax.config_defaults import base_config
+from cmae_jax.config_defaults import base_config, set_variant
 
 
 def get_config():
     """The CMAE ViT-L/16 ImageNet config."""
     config = base_config("cmae")
-    config.model.variant = "L/16"
+    set_variant(config, "L/16")
     config.num_epochs = 1600
     return config

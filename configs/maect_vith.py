@@ -32,13 +32,13 @@ names H/14 (the official MAE checkpoint): --config.model.variant=H/14
 stage 2 of H runs 30 epochs at batch 512; SPEC says 20 (kept here).
 """
 
-from cmae_jax.config_defaults import base_config, maect_config
+from cmae_jax.config_defaults import base_config, maect_config, set_variant
 
 
 def get_config():
     """The MAE-CT ViT-H/16 ImageNet config (bf16 compute)."""
     config = base_config("mae")
-    config.model.variant = "H/16"
+    set_variant(config, "H/16")
     config.model.dtype = "bfloat16"
     config.num_epochs = 800
     return maect_config(config, "H")
