@@ -419,6 +419,8 @@ def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
         "jax": jax.__version__,
         "mesh": dict(mesh.shape),
     }
+    if device.platform == "cpu":  # measured before and after the steps; the best counts
+        first_peak = device_peak_flops(device, dtype)
     start = time.perf_counter()
     step, state = build_step(config, stage, mesh, rules)
     jax.block_until_ready(state)
@@ -468,6 +470,9 @@ def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
     result["images_per_s_rounds"] = per_round
     result["gflops_per_image"] = flops_per_image(config, stage) / 1e9
     peak, peak_source = device_peak_flops(device, dtype)
+    if device.platform == "cpu":
+        peak = max(peak, first_peak[0])
+        peak_source += " (best of before and after the steps)"
     result["peak_tflops_per_device"] = peak / 1e12
     result["peak_source"] = peak_source
     total_peak = peak * result["devices"]
