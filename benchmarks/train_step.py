@@ -49,6 +49,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+# (cmae_jax.aot imports cmae_jax.data, which hides the accelerators from TensorFlow.)
 from cmae_jax import aot  # noqa: E402  (after the repository is on the path)
 
 FLAGS = flags.FLAGS
@@ -302,6 +303,16 @@ def peak_memory_bytes(device: Any) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- HF ViTMAE
 
 
+def check_hf_comparable(config: Any) -> None:
+    """Refuses --vs=hf for a step HF's ViTMAE does not compute (before anything compiles)."""
+    mae = config.method == "mae" and config.loss.contrastive_weight == 0
+    if not mae or config.input.mask_type != "random":
+        raise app.UsageError(
+            "--vs=hf compares plain MAE (HF ViTMAE has random masking and no contrastive "
+            "branch): use configs/mae_*.py, or a MAE-CT config with --stage=1_mae."
+        )
+
+
 def torch_matmul_flops(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of PyTorch's own n x n x n CPU matmul (best of `repeats`): what its BLAS
     reaches here, beside XLA's in measured_matmul_flops."""
@@ -325,11 +336,7 @@ def hf_vitmae_runner(config: Any) -> tuple[Runner, dict[str, Any]]:
 
     from cmae_jax.models import cmae as cmae_model
 
-    if config.loss.contrastive_weight > 0 or config.input.mask_type != "random":
-        raise ValueError(
-            "--vs=hf compares plain MAE (HF ViTMAE has random masking and no contrastive "
-            "branch): use configs/mae_*.py or a MAE-CT config's stage 1_mae."
-        )
+    check_hf_comparable(config)
     ours = cmae_model.build_model(config.model, config.input, contrastive=False)
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -559,7 +566,6 @@ def main(argv: list[str]) -> None:
     """Benchmarks the step of the config (each MAE-CT stage in turn) and prints the figures."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    import cmae_jax.data  # noqa: F401  (hides the accelerators from TensorFlow, first)
     from cmae_jax import config_validation
 
     config = apply_overrides(FLAGS.config, FLAGS.batch, FLAGS.dtype)
@@ -569,6 +575,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--stage is for MAE-CT configs; this one is {config.method!r}.")
     else:
         stages = [None]
+    if FLAGS.vs == "hf":
+        for stage in stages:
+            check_hf_comparable(stage_setup(config, stage)[0])
     import jax
 
     try:
