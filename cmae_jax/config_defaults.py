@@ -176,6 +176,22 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     return config
 
 
+# Per-size meshes. ViT-B's train state (float32 parameters, two Adam moments, the EMA
+# target: about 1.7 GB for CMAE) fits on every chip beside its activations, so B and
+# smaller run data-parallel (the base config's mesh). ViT-L's (about 5 GB) and ViT-H's
+# (about 11 GB) would crowd a 16 GiB TPU v5e chip, so they shard it over all devices (FSDP).
+FSDP_SIZES = ("L", "H")
+
+
+def set_variant(config: ml_collections.ConfigDict, variant: str) -> None:
+    """Sets config.model.variant (and input.patch_size) and the mesh default for its size."""
+    config.model.variant = variant
+    size, patch = variant.split("/")
+    config.input.patch_size = int(patch)
+    if size in FSDP_SIZES:
+        config.mesh.data, config.mesh.fsdp = 1, -1
+
+
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 

@@ -17,12 +17,12 @@ lr 1.5e-4 * 4096 / 256, 40 warmup epochs, cosine, pixel-shift views (256 px mast
 0..31 px offsets).
 """
 
-from cmae_jax.config_defaults import base_config
+from cmae_jax.config_defaults import base_config, set_variant
 
 
 def get_config():
     """The CMAE ViT-B/16 ImageNet config."""
     config = base_config("cmae")
-    config.model.variant = "B/16"
+    set_variant(config, "B/16")
     config.num_epochs = 1600
     return config

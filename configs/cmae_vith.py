@@ -10,14 +10,13 @@ Expected: no published CMAE ViT-H number in our SPEC; MAE ViT-H fine-tunes to 86
 so block masking uses 64 cells of 2x2 patches (22 kept).
 """
 
-from cmae_jax.config_defaults import base_config
+from cmae_jax.config_defaults import base_config, set_variant
 
 
 def get_config():
     """The CMAE ViT-H/14 ImageNet config."""
     config = base_config("cmae")
-    config.model.variant = "H/14"
-    config.input.patch_size = 14
+    set_variant(config, "H/14")
     config.model.dtype = "bfloat16"
     config.num_epochs = 1600
     return config

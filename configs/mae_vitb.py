@@ -14,12 +14,12 @@ epochs then cosine, RandomResizedCrop(224, 0.2-1.0, bicubic) + flip, 1600 epochs
 the other published length: --config.num_epochs=800).
 """
 
-from cmae_jax.config_defaults import base_config
+from cmae_jax.config_defaults import base_config, set_variant
 
 
 def get_config():
     """The MAE ViT-B/16 ImageNet config."""
     config = base_config("mae")
-    config.model.variant = "B/16"
+    set_variant(config, "B/16")
     config.num_epochs = 1600
     return config

@@ -14,14 +14,13 @@ epochs then cosine, RandomResizedCrop(224, 0.2-1.0, bicubic) + flip, 1600 epochs
 the other published length: --config.num_epochs=800).
 """
 
-from cmae_jax.config_defaults import base_config
+from cmae_jax.config_defaults import base_config, set_variant
 
 
 def get_config():
     """The MAE ViT-H/14 ImageNet config."""
     config = base_config("mae")
-    config.model.variant = "H/14"
-    config.input.patch_size = 14
+    set_variant(config, "H/14")
     config.num_epochs = 1600
     config.model.dtype = "bfloat16"
     return config
