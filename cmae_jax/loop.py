@@ -63,8 +63,8 @@ class LostProcessError(RuntimeError):
 # -------------------------------------------------------------------- Run set-up
 
 
-def check_workdir(workdir: str, method: str, *, needed_bytes: int = 0) -> None:
-    """Refuses an unwritable workdir, one holding another method's run, or too little disk.
+def check_workdir(workdir: str, method: str) -> None:
+    """Refuses an unwritable workdir or one holding another method's run.
 
     Runs before anything is written or compiled, so a refused start leaves the workdir as
     it was.
@@ -88,8 +88,14 @@ def check_workdir(workdir: str, method: str, *, needed_bytes: int = 0) -> None:
             f"Cannot write to the workdir {workdir}: {e.strerror or e}. Use a --workdir you "
             "can write to, or fix its permissions."
         ) from None
+
+
+def check_disk(workdir: str, needed_bytes: int) -> None:
+    """Refuses a local workdir whose disk cannot hold one checkpoint of `needed_bytes`."""
+    if "://" in workdir:
+        return
     free = shutil.disk_usage(workdir).free
-    if needed_bytes and free < needed_bytes * DISK_MARGIN:
+    if free < needed_bytes * DISK_MARGIN:
         raise StartError(
             f"The disk of {workdir} has {free / 2**30:.2f} GiB free, but one checkpoint of this "
             f"run needs {needed_bytes / 2**30:.2f} GiB. Free some space or use a --workdir on "
@@ -191,6 +197,13 @@ class Task:
     embed: Callable[[Any, jax.Array], dict[str, jax.Array]] | None = None
     evaluated: Callable[[Any], dict[str, Any]] = lambda state: {"": state.params}
     on_picture_step: Callable[[int, Any], None] | None = None
+
+
+def update_in_place(fn: Callable[..., Any], state: Any, *args: Any) -> Any:
+    """fn(state, *args) computed on the devices with every leaf kept in its sharding and the
+    old state's memory reused: the fresh-start hand-offs of the trainers."""
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(fn, out_shardings=shardings, donate_argnums=0)(state, *args)
 
 
 # -------------------------------------------------------------------- Guarded update step
@@ -373,7 +386,7 @@ def train(run: Run, task: Task, *, stop_at_step: int | None = None) -> dict[str,
         task.init_state, rng, mesh, run.rules
     )
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-    check_workdir(run.workdir, run.method, needed_bytes=state_bytes)
+    check_disk(run.workdir, state_bytes)
     logging.info(
         "State: %.2fM values, %.1f MiB per checkpoint",
         sum(x.size for x in jax.tree.leaves(abstract_state.params)) / 1e6,

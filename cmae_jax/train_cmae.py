@@ -269,8 +269,7 @@ def train_and_evaluate(
                 opt_state=tx.init(params),
             )
 
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        return jax.jit(merge, out_shardings=shardings, donate_argnums=0)(state, params, batch_stats)
+        return loop.update_in_place(merge, state, params, batch_stats)
 
     # ---------------------------------------------------------------- Pictures
     # A fixed set of training examples (the first of step 0) to follow reconstructions on.

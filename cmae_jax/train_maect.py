@@ -375,10 +375,7 @@ def train_stage(
                 opt_state=tx.init(trainable),
             )
 
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        state = jax.jit(hand_off, out_shardings=shardings, donate_argnums=0)(
-            state, params, batch_stats
-        )
+        state = loop.update_in_place(hand_off, state, params, batch_stats)
         # Queue hand-off: stage 3 starts with stage 2's queue.
         queue = load_queue(init_from, jax.eval_shape(lambda: state.queue))
         if queue is not None:

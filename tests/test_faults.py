@@ -186,8 +186,8 @@ def test_start_refuses_an_unwritable_workdir_as_root(tmp_path):
 
 def test_start_refuses_a_disk_too_small_for_one_checkpoint(tmp_path):
     with pytest.raises(loop.StartError, match="needs .* GiB"):
-        loop.check_workdir(str(tmp_path), "cmae", needed_bytes=10**18)
-    loop.check_workdir(str(tmp_path), "cmae", needed_bytes=1000)
+        loop.check_disk(str(tmp_path), 10**18)
+    loop.check_disk(str(tmp_path), 1000)
 
 
 # ---------------------------------------------------------------- Process faults (CLI)

@@ -230,12 +230,9 @@ def train_and_evaluate(
 
     def start_fresh(state: train_state.TrainState, run: loop.Run) -> train_state.TrainState:
         """The pretrained encoder replaces the fresh one; head and optimiser stay fresh."""
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        return jax.jit(
-            lambda s, p: s.replace(params={**s.params, **p}),
-            out_shardings=shardings,
-            donate_argnums=0,
-        )(state, encoder_params)
+        return loop.update_in_place(
+            lambda s, p: s.replace(params={**s.params, **p}), state, encoder_params
+        )
 
     # ---------------------------------------------------------------- Loop
     task = loop.Task(
