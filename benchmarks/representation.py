@@ -1,0 +1,393 @@
+r"""Representation benchmark: pretrain every method on Fashion-MNIST, then score every encoder.
+
+    python benchmarks/representation.py --workdir=workdirs/representation
+    python benchmarks/representation.py --workdir=W --methods=mae,cmae --epochs=2   # shorter
+    python benchmarks/representation.py --workdir=W --minutes=20                     # per method
+
+For each method (configs/fashion_mnist_<method>.py) it runs the README's pretraining command
+with a k-NN of the encoder every `--knn_every_epochs` epochs (the project's periodic k-NN:
+the same cosine k = 20, T = 0.07 weighted vote as the final one, on `--knn_subset` evenly
+strided examples of each split, 0 = all of them), then the README's evaluation command
+(configs/eval/all.py: k-NN, linear probe, 1/2/5-shot and 1%/10% logistic regression,
+k-means cluster accuracy and NMI) on the finished encoder, on the raw pixels and on a randomly
+initialised encoder. MAE-CT's stages 2 and 3 start from the MAE run (its stage 1), so its
+curve continues the MAE curve. The pretraining sees the 60k training images only.
+
+Everything is resumable: a finished pretraining (its results.json says complete) or
+evaluation (its eval_results.json exists) is not run again, and an interrupted pretraining
+resumes from its last checkpoint when the benchmark is started again with the same flags.
+`--minutes` stops each pretraining after that many minutes with SIGTERM (the run saves and
+exits cleanly; the lr schedule is then cut short, so epoch budgets compare methods fairly,
+minute budgets compare what a user gets in that time).
+
+Writes to the workdir: representation.json (every number, the commands, the curves),
+curves.png (k-NN against epochs and against wall minutes, one line per method, the pixels'
+k-NN as a line) and table.md (the Markdown table of the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("mae", "cmae", "maect", "mocov3")
+MAECT_STAGES = ("2_head", "3_tune")
+# eval_results.json keys of the table, in column order, with their headings.
+COLUMNS = (
+    ("knn_top1", "k-NN"),
+    ("linear_probe_top1", "linear probe"),
+    ("low_shot_1_shot_top1", "1-shot"),
+    ("low_shot_5_shot_top1", "5-shot"),
+    ("cluster_accuracy", "cluster acc."),
+    ("nmi", "NMI"),
+)
+
+
+def config_path(method: str) -> str:
+    """The Fashion-MNIST config of a method, relative to the repository."""
+    return f"configs/fashion_mnist_{method}.py"
+
+
+def available_methods(requested: list[str]) -> list[str]:
+    """The requested methods, refusing unknown names and ordering MAE before MAE-CT."""
+    known = [m for m in METHODS if os.path.exists(os.path.join(REPO, config_path(m)))]
+    for method in requested:
+        if not os.path.exists(os.path.join(REPO, config_path(method))):
+            raise SystemExit(
+                f"No config {config_path(method)} for method {method!r}; choose from "
+                f"{', '.join(known)}."
+            )
+    if "maect" in requested and "mae" not in requested:
+        raise SystemExit("MAE-CT starts from the MAE run: add mae to --methods.")
+    return sorted(requested, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
+
+
+def read_json(path: str) -> Any:
+    """The JSON file at `path`, or None when it does not exist."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_command(command: list[str], log_path: str, minutes: float) -> float:
+    """Runs `command` in the repository with its output appended to `log_path`; returns the
+    seconds it took. With minutes > 0 it gets SIGTERM (save, clean exit) after that long."""
+    start = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            process.wait(timeout=minutes * 60 if minutes > 0 else None)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            process.wait()
+    if process.returncode != 0:
+        with open(log_path) as log:
+            tail = log.read()[-3000:]
+        raise SystemExit(f"Command failed ({process.returncode}): {' '.join(command)}\n{tail}")
+    return time.time() - start
+
+
+def main_command(config: str, workdir: str, overrides: dict[str, Any]) -> list[str]:
+    """The `python -m cmae_jax.main` command line of a config with `--config.k=v` overrides."""
+    flags = [f"--config.{key}={value}" for key, value in overrides.items()]
+    return [
+        sys.executable,
+        "-m",
+        "cmae_jax.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """`KEY=VALUE` strings (the --set and --eval_set flags) as a dict."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(
+                f"--set {pair!r} must be KEY=VALUE, e.g. --set=input.global_batch_size=128"
+            )
+        out[key.removeprefix("config.")] = value
+    return out
+
+
+def load_config(config: str, overrides: dict[str, str]) -> Any:
+    """The config of a config file with command-line style overrides applied; `overrides`
+    loses the keys this config does not have (e.g. MAE-CT's stages.* for CMAE)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_config", os.path.join(REPO, config))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    for key in [k for k in overrides if k.split(".")[0] not in cfg]:
+        del overrides[key]
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for name in parents:
+            node = node[name]
+        try:
+            node[leaf] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            node[leaf] = value
+    return cfg
+
+
+def steps_per_epoch(cfg: Any, batch_size: int) -> int:
+    """Optimiser steps in one epoch of the config's training split at `batch_size`."""
+    from cmae_jax.data import pipeline, sources
+
+    source = sources.make_source(cfg.dataset, cfg.dataset.train_split)
+    return pipeline.steps_per_epoch(source.num_examples, batch_size)
+
+
+def pretraining_runs(method: str, workdir: str, args: argparse.Namespace) -> list[Run]:
+    """The pretraining runs of a method (MAE-CT: its stages 2 and 3 after the MAE run)."""
+    overrides = parse_overrides(args.set)
+    cfg = load_config(config_path(method), overrides)
+    epoch_steps = steps_per_epoch(cfg, int(cfg.input.global_batch_size))
+    every = max(1, round(args.knn_every_epochs * epoch_steps))
+    overrides.update(
+        {
+            "eval.every_steps": every,
+            "eval.knn_subset": args.knn_subset,
+            # The final k-NN of the whole splits comes from the evaluation command.
+            "eval.knn": False,
+        }
+    )
+    method_dir = os.path.join(workdir, method)
+    if method != "maect":
+        if args.epochs:
+            overrides["num_epochs"] = args.epochs
+        if args.total_steps:
+            overrides["total_steps"] = args.total_steps
+        command = main_command(config_path(method), method_dir, overrides)
+        return [Run(method, method_dir, command, epoch_steps, overrides)]
+    overrides["stages.head.init_from"] = os.path.join(workdir, "mae")
+    for stage, epochs in (("head", args.maect_head_epochs), ("tune", args.maect_tune_epochs)):
+        if epochs:
+            overrides[f"stages.{stage}.num_epochs"] = epochs
+        if args.total_steps:
+            overrides[f"stages.{stage}.total_steps"] = args.total_steps
+    command = main_command(config_path(method), method_dir, overrides)
+    # Stage 1 is the MAE run: its curve and time come first.
+    return pretraining_runs("mae", workdir, args) + [
+        Run(
+            method,
+            os.path.join(method_dir, stage),
+            command,
+            steps_per_epoch(cfg, int(cfg.stages[stage.split("_")[1]].input.global_batch_size)),
+            overrides,
+        )
+        for stage in MAECT_STAGES
+    ]
+
+
+@dataclasses.dataclass
+class Run:
+    """One pretraining run: its method, the folder of its metrics and its command."""
+
+    method: str
+    folder: str
+    command: list[str]
+    steps_per_epoch: int
+    overrides: dict[str, Any]
+
+    def complete(self) -> bool:
+        results = read_json(os.path.join(self.folder, "results.json"))
+        return bool(results and results.get("complete"))
+
+
+def curve(run: Run) -> tuple[list[dict[str, float]], float]:
+    """(step, epoch, wall seconds, k-NN) points of a run's periodic k-NN, and the run's wall
+    seconds, from its metrics.jsonl; wall seconds are the logged uptimes (added up over
+    resumed processes), interpolated to the k-NN's steps."""
+    from cmae_jax import workdir as workdir_files
+
+    wall_of, knn_of = {}, {}
+    offset, last_uptime = 0.0, 0.0
+    for row in workdir_files.read_metrics(run.folder):
+        if "uptime" in row:
+            if row["uptime"] < last_uptime:  # a resumed process starts its uptime afresh
+                offset += last_uptime
+            last_uptime = row["uptime"]
+            wall_of[row["step"]] = offset + row["uptime"]
+        if "knn_top1_subset" in row:
+            knn_of[row["step"]] = row["knn_top1_subset"]
+    logged = sorted(wall_of)
+    points = [
+        dict(
+            step=step,
+            epoch=step / run.steps_per_epoch,
+            wall_seconds=float(np.interp(step, logged, [wall_of[s] for s in logged]))
+            if logged
+            else 0.0,
+            knn_top1=knn_top1,
+        )
+        for step, knn_top1 in sorted(knn_of.items())
+    ]
+    return points, offset + last_uptime
+
+
+def joined_curve(runs: list[Run]) -> tuple[list[dict[str, Any]], float]:
+    """A method's curve over its runs (each later run's epochs and seconds after the last
+    run's) and its total wall seconds."""
+    points: list[dict[str, Any]] = []
+    epoch0 = wall0 = 0.0
+    for run in runs:
+        own, seconds = curve(run)
+        points += [
+            dict(p, epoch=epoch0 + p["epoch"], wall_seconds=wall0 + p["wall_seconds"]) for p in own
+        ]
+        epoch0 = points[-1]["epoch"] if points else epoch0
+        wall0 += seconds
+    return points, wall0
+
+
+def evaluate(name: str, init: str, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluation command's results for one encoder (run unless already there)."""
+    eval_dir = os.path.join(workdir, f"eval_{name}")
+    results_path = os.path.join(eval_dir, "eval_results.json")
+    overrides = {
+        "init": init,
+        "protocols": repr(tuple(args.protocols)),
+        **parse_overrides(args.eval_set),
+    }
+    command = main_command("configs/eval/all.py", eval_dir, overrides)
+    if read_json(results_path) is None:
+        print(f"[{name}] evaluating: {' '.join(command)}", flush=True)
+        run_command(command, os.path.join(workdir, f"eval_{name}.log"), minutes=0)
+    return dict(read_json(results_path), command=" ".join(command[1:]))
+
+
+def markdown_table(results: dict[str, dict[str, Any]], wall: dict[str, float]) -> str:
+    """The README's table: one row per encoder, one column per protocol."""
+    lines = [
+        "| encoder | " + " | ".join(h for _, h in COLUMNS) + " | pretraining wall time |",
+        "|---" * (len(COLUMNS) + 2) + "|",
+    ]
+    for name, numbers in results.items():
+        cells = [f"{100 * numbers[k]:.2f}%" if k in numbers else "-" for k, _ in COLUMNS]
+        seconds = wall.get(name)
+        time_cell = f"{int(seconds // 60)} min {int(seconds % 60)} s" if seconds else "none"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {time_cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, list[dict]], pixels_knn: float | None, path: str) -> None:
+    """k-NN against epochs and against wall minutes, one line per method, pixels dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for axis, key, scale, label in (
+        (axes[0], "epoch", 1.0, "pretraining epochs"),
+        (axes[1], "wall_seconds", 1 / 60, "pretraining wall minutes"),
+    ):
+        for method, points in curves.items():
+            if points:
+                xs = [p[key] * scale for p in points]
+                axis.plot(xs, [100 * p["knn_top1"] for p in points], marker="o", label=method)
+        if pixels_knn is not None:
+            axis.axhline(100 * pixels_knn, color="gray", linestyle="--", label="raw pixels")
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("k-NN top-1 (%)")
+    axes[1].legend(loc="lower right")
+    figure.suptitle("Fashion-MNIST: weighted k-NN (k = 20) of the frozen encoder")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    """Pretrains, evaluates and writes representation.json, curves.png and table.md."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--epochs", type=float, default=0, help="pretraining epochs (0: the config's)"
+    )
+    parser.add_argument("--maect_head_epochs", type=float, default=0)
+    parser.add_argument("--maect_tune_epochs", type=float, default=0)
+    parser.add_argument(
+        "--total_steps", type=int, default=0, help="> 0: steps per run (smoke tests)"
+    )
+    parser.add_argument("--minutes", type=float, default=0, help="> 0: SIGTERM each run after this")
+    parser.add_argument("--knn_every_epochs", type=float, default=1.0)
+    parser.add_argument("--knn_subset", type=int, default=0, help="0: the whole splits")
+    parser.add_argument(
+        "--protocols", default="knn,linear_probe,low_shot,clustering", help="of configs/eval/all.py"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], help="KEY=VALUE for every pretraining"
+    )
+    parser.add_argument(
+        "--eval_set", action="append", default=[], help="KEY=VALUE for every evaluation"
+    )
+    args = parser.parse_args()
+    args.protocols = [p for p in args.protocols.split(",") if p]
+    methods = available_methods([m for m in args.methods.split(",") if m])
+    os.makedirs(args.workdir, exist_ok=True)
+
+    runs = {method: pretraining_runs(method, args.workdir, args) for method in methods}
+    used = {key for method in methods for key in runs[method][-1].overrides}
+    unknown = set(parse_overrides(args.set)) - used
+    if unknown:
+        raise SystemExit(f"--set keys in no method's config: {', '.join(sorted(unknown))}.")
+    for method in methods:
+        if all(run.complete() for run in runs[method]):
+            print(f"[{method}] pretraining complete already", flush=True)
+            continue
+        command = runs[method][-1].command
+        print(f"[{method}] pretraining: {' '.join(command)}", flush=True)
+        run_command(command, os.path.join(args.workdir, f"{method}.log"), args.minutes)
+    curves, wall = {}, {}
+    for method in methods:
+        curves[method], wall[method] = joined_curve(runs[method])
+
+    encoders = {"raw pixels": ("pixels", "pixels"), "random init": ("random", "random")}
+    encoders.update({m: (m, os.path.join(args.workdir, m)) for m in methods})
+    results = {
+        name: evaluate(short, init, args.workdir, args) for name, (short, init) in encoders.items()
+    }
+    pixels_knn = results["raw pixels"].get("knn_top1")
+    summary = dict(
+        methods=methods,
+        flags=vars(args),
+        pretraining_commands={m: " ".join(runs[m][-1].command[1:]) for m in methods},
+        pretraining_wall_seconds=wall,
+        curves=curves,
+        results=results,
+    )
+    with open(os.path.join(args.workdir, "representation.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    table = markdown_table(results, wall)
+    with open(os.path.join(args.workdir, "table.md"), "w") as f:
+        f.write(table)
+    plot(curves, pixels_knn, os.path.join(args.workdir, "curves.png"))
+    print(table, flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    main()

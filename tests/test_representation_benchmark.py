@@ -1,0 +1,107 @@
+"""benchmarks/representation.py end to end on a tiny budget: every output and its numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("mae", "cmae", "maect")
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(small_fashion_mnist, tmp_path_factory):
+    """The benchmark at 2 steps per run on the small IDX folder; (workdir, stdout)."""
+    workdir = str(tmp_path_factory.mktemp("representation"))
+    data = f"dataset.idx_dir={small_fashion_mnist}"
+    command = [
+        sys.executable,
+        "benchmarks/representation.py",
+        f"--workdir={workdir}",
+        f"--methods={','.join(METHODS)}",
+        "--total_steps=2",
+        # 512 training images at batch 64: 8 steps per epoch, a k-NN every 2 steps.
+        "--knn_every_epochs=0.25",
+        f"--set={data}",
+        "--set=input.global_batch_size=64",
+        "--set=stages.head.input.global_batch_size=64",
+        "--set=stages.tune.input.global_batch_size=64",
+        "--set=maect.queue_size=128",
+        f"--eval_set={data}",
+        "--eval_set=eval.batch_size=64",
+        "--eval_set=linear_probe.num_epochs=1",
+        "--eval_set=low_shot.shots=(1,5)",
+        "--eval_set=low_shot.fractions=(0.1,)",
+        "--eval_set=low_shot.seeds=(0,)",
+        "--eval_set=low_shot.num_steps=10",
+        "--eval_set=clustering.num_init=1",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return workdir, out.stdout
+
+
+def test_every_output_is_written(benchmark_run):
+    workdir, stdout = benchmark_run
+    with open(os.path.join(workdir, "representation.json")) as f:
+        summary = json.load(f)
+    encoders = ["raw pixels", "random init", *METHODS]
+    assert list(summary["results"]) == encoders
+    for name in encoders:
+        numbers = summary["results"][name]
+        for key in ("knn_top1", "linear_probe_top1", "low_shot_5_shot_top1", "cluster_accuracy"):
+            assert 0.0 <= numbers[key] <= 1.0, (name, key, numbers)
+        # The same yardstick for everyone: the k-NN of the table is the evaluation's own.
+        with open(os.path.join(workdir, f"eval_{name.split()[0]}", "eval_results.json")) as f:
+            assert json.load(f)["knn_top1"] == numbers["knn_top1"]
+    with open(os.path.join(workdir, "table.md")) as f:
+        table = f.read()
+    assert table in stdout
+    assert len(table.strip().splitlines()) == 2 + len(encoders)
+    row = next(line for line in table.splitlines() if line.startswith("| cmae |"))
+    assert f"{100 * summary['results']['cmae']['knn_top1']:.2f}%" in row
+    with open(os.path.join(workdir, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_follow_the_runs(benchmark_run):
+    workdir, _ = benchmark_run
+    with open(os.path.join(workdir, "representation.json")) as f:
+        curves = json.load(f)["curves"]
+    # 2 steps per run, a k-NN every 2 steps (a quarter epoch of 8 steps): one point a run.
+    assert [p["step"] for p in curves["mae"]] == [2]
+    assert curves["mae"][0]["epoch"] == pytest.approx(0.25)
+    # MAE-CT continues its MAE run (stage 1): the MAE point, then stage 2 and stage 3.
+    assert len(curves["maect"]) == 3
+    assert curves["maect"][0] == curves["mae"][0]
+    epochs = [p["epoch"] for p in curves["maect"]]
+    assert epochs == pytest.approx([0.25, 0.5, 0.75])
+    walls = [p["wall_seconds"] for p in curves["maect"]]
+    assert walls == sorted(walls) and walls[0] > 0
+
+
+def test_a_second_start_reuses_everything(benchmark_run, small_fashion_mnist):
+    workdir, _ = benchmark_run
+    before = {
+        name: os.path.getmtime(os.path.join(workdir, name, "metrics.jsonl"))
+        for name in ("mae", "cmae")
+    }
+    command = [
+        sys.executable,
+        "benchmarks/representation.py",
+        f"--workdir={workdir}",
+        f"--methods={','.join(METHODS)}",
+        "--total_steps=2",
+        "--knn_every_epochs=0.25",
+        f"--set=dataset.idx_dir={small_fashion_mnist}",
+        "--set=input.global_batch_size=64",
+        f"--eval_set=dataset.idx_dir={small_fashion_mnist}",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("complete already") == len(METHODS)
+    assert "evaluating" not in out.stdout
+    for name, mtime in before.items():
+        assert os.path.getmtime(os.path.join(workdir, name, "metrics.jsonl")) == mtime
