@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from cmae_jax import weights
 from cmae_jax.data import masking, sources
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
@@ -149,16 +150,11 @@ def validate(
 
 
 def _require_checkpoint(path: str, key: str) -> None:
-    """A checkpoint of this project or a published one (file, HF folder) exists at `path`."""
-    from cmae_jax.checkpointing import find_checkpoint
-
+    """A readable checkpoint of this project or a published one (file, HF folder) at `path`."""
     try:
-        find_checkpoint(path)
-    except FileNotFoundError as e:
-        raise ConfigError(
-            f"{key}: {e} Or give a published checkpoint: a .pth/.bin/.safetensors file or a "
-            "folder holding model.safetensors (README, 'Published checkpoints')."
-        ) from None
+        weights.check_readable(path)
+    except weights.CheckpointError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _validate_maect(

@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 from transformers.models.vit_mae import modeling_vit_mae  # noqa: E402
 
-from cmae_jax import checkpointing, config_validation, losses, sharding, train_state  # noqa: E402
+from cmae_jax import config_validation, losses, sharding, train_state, weights  # noqa: E402
 from cmae_jax.config_defaults import IMAGENET_MEAN, eval_config  # noqa: E402
 from cmae_jax.evaluation import features  # noqa: E402
 from cmae_jax.interop import convert, export, import_checkpoint  # noqa: E402
@@ -516,7 +516,7 @@ def test_pretraining_init_from_official_mae_and_cmae(layouts, scan_layers):
         "cmae": set(PRETRAIN_OPTIONAL) | {"encoder"},
     }
     for name, keys in expected.items():
-        params, stats = checkpointing.load_params(
+        params, stats = weights.load_params(
             paths[name],
             abstract["params"],
             required=("encoder",),
@@ -613,7 +613,7 @@ def test_convert_export_round_trip(hf_folder, inputs, tmp_path):
     workdir = str(tmp_path / "converted")
     imported = convert.convert(hf_folder, workdir)
     abstract = abstract_of(tiny_cmae(contrastive=False))
-    params, _ = checkpointing.load_params(
+    params, _ = weights.load_params(
         workdir, abstract["params"], required=("encoder", "pixel_decoder")
     )
     same_trees(params, imported.params)
@@ -722,6 +722,66 @@ def test_convert_command_reports_errors(tmp_path):
     )
     assert result.returncode == 2
     assert "not a PyTorch checkpoint" in result.stderr
+    assert not workdir.exists()
+
+
+def damaged_run(folder):
+    """A workdir whose newest step folder holds a `state` that orbax cannot read."""
+    state = folder / "damaged_run" / "checkpoints" / "3" / "state"
+    state.mkdir(parents=True)
+    (state / "_METADATA").write_text("{not json")
+    return folder / "damaged_run", r"cannot be read"
+
+
+def checkpoint_takers():
+    """[(key, config, the section holding the key)]: pretraining, MAE-CT, evaluation."""
+    from cmae_jax.config_defaults import fashion_mnist_config, fashion_mnist_maect_config
+
+    pretraining, maect, evaluation = (
+        fashion_mnist_config("mae"),
+        fashion_mnist_maect_config(),
+        eval_config(("knn",)),
+    )
+    return [
+        ("config.init_from", pretraining, pretraining),
+        ("config.stages.head.init_from", maect, maect.stages.head),
+        ("config.init", evaluation, evaluation),
+    ]
+
+
+def test_bad_checkpoint_is_a_config_error_wherever_one_is_taken(layouts, hf_folder, tmp_path):
+    cases = bad_files(tmp_path, layouts, hf_folder)
+    cases["damaged run"] = damaged_run(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    for path, message in cases.values():
+        for key, config, section in checkpoint_takers():
+            section[key.rsplit(".", 1)[1]] = str(path)
+            with pytest.raises(config_validation.ConfigError, match=f"{key}: .*({message})"):
+                config_validation.validate(config, num_devices=1, check_data=True)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_evaluation_command_refuses_a_bad_file_before_writing(tmp_path):
+    (tmp_path / "garbage.pth").write_text("hello")
+    workdir = tmp_path / "eval"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmae_jax.main",
+            "--config=configs/eval/knn.py",
+            f"--config.init={tmp_path / 'garbage.pth'}",
+            f"--workdir={workdir}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Config error: config.init: " in result.stderr
+    assert "not a PyTorch checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not workdir.exists()
 
 

@@ -16,7 +16,7 @@ from flax import serialization
 from test_sharding import stack_blocks
 from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
 
-from cmae_jax import checkpointing, config_validation, ema, nnclr, param_groups, train_maect
+from cmae_jax import config_validation, ema, nnclr, param_groups, train_maect, weights
 from cmae_jax import workdir as workdir_files
 from cmae_jax.config_defaults import maect_config
 from cmae_jax.data import pipeline, sources
@@ -752,13 +752,13 @@ def test_stage_three_starts_with_stage_twos_queue(staged_run):
 def test_stage_three_publishes_its_ema_encoder(staged_run, capfd):
     config, workdir, summary = staged_run
     tune_dir = os.path.join(workdir, "3_tune")
-    published = checkpointing.find_checkpoint(tune_dir)
+    published = weights.find_checkpoint(tune_dir)
     assert (published.name, published.parent.name) == ("published", "4")
-    assert checkpointing.find_checkpoint(workdir) == published  # the MAE-CT workdir itself
+    assert weights.find_checkpoint(workdir) == published  # the MAE-CT workdir itself
     raw_dir = os.path.join(tune_dir, "checkpoints", "4", "state")
-    assert checkpointing.find_checkpoint(raw_dir) == published.parent / "state"
+    assert weights.find_checkpoint(raw_dir) == published.parent / "state"
     # Stage 2 (frozen encoder, no EMA) publishes nothing: readers take its train state.
-    assert checkpointing.find_checkpoint(os.path.join(workdir, "2_head")).name == "state"
+    assert weights.find_checkpoint(os.path.join(workdir, "2_head")).name == "state"
 
     # The EMA encoder, by hand from the raw checkpoint: the EMA (opt_state[2]) of the
     # trained leaves, the frozen stem and block_0 as they are.
@@ -768,13 +768,13 @@ def test_stage_three_publishes_its_ema_encoder(staged_run, capfd):
     expected = {**tune["params"]["encoder"], **target}
     abstract = abstract_maect_state(config)
     heads = ("projector", "predictor")
-    params, batch_stats = checkpointing.load_params(
+    params, batch_stats = weights.load_params(
         tune_dir, abstract.params, optional=heads, abstract_batch_stats=abstract.batch_stats
     )
     assert_trees_equal(params["encoder"], expected)
     assert_trees_equal({k: params[k] for k in heads}, {k: tune["params"][k] for k in heads})
     assert_trees_equal(batch_stats, tune["batch_stats"])
-    raw, _ = checkpointing.load_params(raw_dir, abstract.params)
+    raw, _ = weights.load_params(raw_dir, abstract.params)
     assert_trees_equal(raw["encoder"], tune["params"]["encoder"])
     moved = flat_arrays(expected["block_1"])
     assert any(

@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from cmae_jax import checkpointing, sharding, train_state
+from cmae_jax import sharding, train_state, weights
 from cmae_jax.data import pipeline, sources
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
@@ -198,7 +198,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     (pipeline.normalize)."""
     if config.init in (*RANDOM_INIT, PIXELS) or not config.get("model_from_init", True):
         return config
-    saved = checkpointing.run_config_json(config.init)
+    saved = weights.run_config_json(config.init)
     if saved is None:
         logging.warning("No config.json for %s: the encoder follows config.model.", config.init)
         return config
@@ -242,5 +242,5 @@ def load_encoder(
         params, _, _ = train_state.create_sharded_state(init_fn, rng, mesh, rules)
         return model, params
     _, abstract = train_state.abstract_sharded_state(init_fn, rng, mesh, rules)
-    params, _ = checkpointing.load_params(init, abstract)
+    params, _ = weights.load_params(init, abstract)
     return model, params
