@@ -2,11 +2,13 @@
 
 import ml_collections
 
-from cmae_jax import weights
+# cmae_jax.data first: TensorFlow must load through it (it hides matplotlib and the
+# accelerators from TensorFlow); cmae_jax.weights reaches TensorFlow through clu.
 from cmae_jax.data import masking, sources
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
 from cmae_jax.sharding import logical_axis_rules, mesh_shape
+from cmae_jax.weights import CheckpointError, check_readable
 
 METHODS = ("cmae", "mae", "maect", "eval")
 
@@ -152,8 +154,8 @@ def validate(
 def _require_checkpoint(path: str, key: str) -> None:
     """A readable checkpoint of this project or a published one (file, HF folder) at `path`."""
     try:
-        weights.check_readable(path)
-    except weights.CheckpointError as e:
+        check_readable(path)
+    except CheckpointError as e:
         raise ConfigError(f"{key}: {e}") from None
 
 
