@@ -175,7 +175,7 @@ def _validate_maect(
         "config.maect.topk is now per stage: set config.stages.head.topk (official: 0, the "
         "nearest neighbour) and config.stages.tune.topk (official: 20, or 10 for _aug B/L).",
     )
-    depth = maect_model.build_model(config.model, config.input, m).depth
+    depth = maect_model.build_model(config.model, config.input, m).encoder_spec.depth
     for name in ("head", "tune"):
         stage, key = config.stages[name], f"config.stages.{name}"
         batch = stage.input.global_batch_size

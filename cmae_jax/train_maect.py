@@ -171,7 +171,7 @@ def make_model_and_optimizer(
         )
         transforms["encoder"] = optax.chain(
             optim.adamw(stage.optimizer, encoder_lr),
-            param_groups.scale_by_layer_decay(model.depth, stage.layer_decay),
+            param_groups.scale_by_layer_decay(model.encoder_spec.depth, stage.layer_decay),
         )
         schedules["encoder_learning_rate"] = encoder_lr
     # Labels as a prefix tree over the top-level keys of the trainable params.

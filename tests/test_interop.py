@@ -30,6 +30,7 @@ from cmae_jax.evaluation import features  # noqa: E402
 from cmae_jax.interop import convert, export, import_checkpoint  # noqa: E402
 from cmae_jax.models import vit  # noqa: E402
 from cmae_jax.models.cmae import CMAE  # noqa: E402
+from cmae_jax.models.encoder_spec import EncoderSpec  # noqa: E402
 from cmae_jax.models.heads import MLPHead  # noqa: E402
 
 WIDTH, DEPTH, HEADS, PATCH, SIZE = 192, 4, 3, 8, 64
@@ -120,13 +121,13 @@ def inputs():
     return images, noise, order[:, :NUM_KEEP], order[:, NUM_KEEP:]
 
 
-def tiny_cmae(**kwargs):
+def tiny_encoder(**kwargs):
+    return EncoderSpec(WIDTH, DEPTH, HEADS, 4 * WIDTH, PATCH, **kwargs)
+
+
+def tiny_cmae(scan_layers=False, **kwargs):
     return CMAE(
-        width=WIDTH,
-        depth=DEPTH,
-        num_heads=HEADS,
-        mlp_dim=4 * WIDTH,
-        patch_size=PATCH,
+        encoder_spec=tiny_encoder(scan_layers=scan_layers),
         pixel_decoder_width=DEC_WIDTH,
         pixel_decoder_depth=DEC_DEPTH,
         pixel_decoder_heads=DEC_HEADS,
@@ -585,11 +586,7 @@ def test_maect_stage_starts_from_official_weights(layouts):
 
     paths, _ = layouts
     model = MAECT(
-        WIDTH,
-        DEPTH,
-        HEADS,
-        4 * WIDTH,
-        PATCH,
+        tiny_encoder(),
         projector_hidden=PROJ_HIDDEN,
         predictor_hidden=32,
         projection_dim=PROJ_DIM,

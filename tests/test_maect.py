@@ -21,6 +21,7 @@ from cmae_jax import workdir as workdir_files
 from cmae_jax.config_defaults import maect_config
 from cmae_jax.data import pipeline, sources
 from cmae_jax.models import maect as maect_model
+from cmae_jax.models.encoder_spec import EncoderSpec
 
 # ---------------------------------------------------------------------- Queue
 
@@ -238,11 +239,7 @@ def test_nnclr_loss_matches_numpy():
 
 def abstract_params(depth=4):
     model = maect_model.MAECT(
-        width=16,
-        depth=depth,
-        num_heads=2,
-        mlp_dim=32,
-        patch_size=4,
+        EncoderSpec(width=16, depth=depth, num_heads=2, mlp_dim=32, patch_size=4),
         projector_hidden=8,
         predictor_hidden=8,
         projection_dim=4,
@@ -317,9 +314,11 @@ def test_param_groups_of_scanned_blocks():
 
     # Freezing cuts each stacked leaf by rows, for arrays, boxed leaves and abstract shapes.
     model = maect_model.MAECT(
-        width=16, depth=4, num_heads=2, mlp_dim=32, patch_size=4, projector_hidden=8,
-        predictor_hidden=8, projection_dim=4, scan_layers=True,
-    )  # fmt: skip
+        EncoderSpec(width=16, depth=4, num_heads=2, mlp_dim=32, patch_size=4, scan_layers=True),
+        projector_hidden=8,
+        predictor_hidden=8,
+        projection_dim=4,
+    )
     init = jax.jit(lambda rng: model.init(rng, jnp.zeros((2, 8, 8, 1)), train=False)["params"])
     boxed = init(jax.random.key(0))
     params = nn.meta.unbox(boxed)

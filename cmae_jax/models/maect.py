@@ -16,13 +16,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from cmae_jax.models import cmae as cmae_model
-from cmae_jax.models import vit
+from cmae_jax.models.encoder_spec import EncoderSpec
 from cmae_jax.models.heads import MLPHead
-
-Dtype = Any
 
 POOLINGS = ("cls", "mean")
 
@@ -30,34 +26,18 @@ POOLINGS = ("cls", "mean")
 class MAECT(nn.Module):
     """Encoder + NNCLR projector and predictor; submodules: encoder, projector, predictor."""
 
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    patch_size: int
+    # The encoder: that of stage 1 from the same config.model (with scan_layers, its
+    # params['encoder']['blocks'] stacked on a leading layers axis, as stage 1 saves them).
+    encoder_spec: EncoderSpec
     pooling: str = "mean"  # 'cls' token or 'mean' of the patch tokens (after the final norm)
     projector_hidden: int = 2048
     predictor_hidden: int = 4096
     projection_dim: int = 256
-    dtype: Dtype = jnp.float32
-    remat: bool | str = "none"  # remat policy of the encoder blocks (vit.REMAT_POLICIES)
-    # nn.scan over the encoder blocks: params['encoder']['blocks'] stacked on a leading
-    # layers axis, the layout a stage-1 run with the same config.model saves.
-    scan_layers: bool = False
 
     def setup(self):
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}.")
-        self.encoder = vit.Encoder(
-            width=self.width,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim,
-            patch_size=self.patch_size,
-            dtype=self.dtype,
-            remat=self.remat,
-            scan_layers=self.scan_layers,
-        )
+        self.encoder = self.encoder_spec.encoder()
         # The heads run in float32 whatever `dtype` is (BatchNorm, temperature-scaled logits).
         self.projector = MLPHead(
             self.projector_hidden,
@@ -95,23 +75,12 @@ class MAECT(nn.Module):
 
 
 def build_model(model_cfg: Any, input_cfg: Any, maect_cfg: Any) -> MAECT:
-    """MAECT from config.model, config.input and config.maect.
-
-    The encoder sizes, remat policy and scan layout are resolved (and checked) by the MAE
-    model builder, so the encoder is the one stage 1 trains from the same config.model.
-    """
-    mae = cmae_model.build_model(model_cfg, input_cfg, contrastive=False)
+    """MAECT from config.model, config.input and config.maect; the encoder is the one stage 1
+    trains from the same config.model."""
     return MAECT(
-        width=mae.width,
-        depth=mae.depth,
-        num_heads=mae.num_heads,
-        mlp_dim=mae.mlp_dim,
-        patch_size=mae.patch_size,
+        encoder_spec=EncoderSpec.from_config(model_cfg, input_cfg),
         pooling=maect_cfg.pooling,
         projector_hidden=int(maect_cfg.projector_hidden),
         predictor_hidden=int(maect_cfg.predictor_hidden),
         projection_dim=int(maect_cfg.projection_dim),
-        dtype=mae.dtype,
-        remat=mae.remat,
-        scan_layers=mae.scan_layers,
     )
