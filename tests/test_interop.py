@@ -452,16 +452,14 @@ def test_heads_compute_what_torch_computes(layouts):
         (
             maect,
             "projector",
-            MLPHead(
-                PROJ_HIDDEN, PROJ_DIM, num_layers=3, hidden_bias=False, last_bias=True, last_bn=True
-            ),
+            MLPHead(PROJ_HIDDEN, PROJ_DIM, num_layers=3, hidden_bias=False, last_bn=True),
             heads["maect"][0],
             x,
         ),
         (
             maect,
             "predictor",
-            MLPHead(32, PROJ_DIM, hidden_bias=False, last_bias=True),
+            MLPHead(32, PROJ_DIM, hidden_bias=False),
             heads["maect"][1],
             x[:, :PROJ_DIM],
         ),

@@ -450,12 +450,10 @@ def test_stage_two_step_takes_the_nearest_neighbour(small_fashion_mnist):
 # Biases whose effect a BatchNorm removes, so that their gradient is float noise, which
 # Adam turns into +-lr steps that differ between any two summation orders: the encoder's
 # final-norm bias (it shifts every pooled feature by the same vector, which the
-# projector's first BatchNorm takes out), the projector's last Linear bias (a BatchNorm
-# follows) and that BatchNorm's bias (the predictor's first BatchNorm takes it out; the
-# keys that see it get no gradient).
+# projector's first BatchNorm takes out) and the projector's last BatchNorm's bias (the
+# predictor's first BatchNorm takes it out; the keys that see it get no gradient).
 BATCHNORM_CANCELLED_BIASES = (
     "['encoder']['norm']['bias']",
-    "['projector']['dense_2']['bias']",
     "['projector']['bn_2']['bias']",
 )
 

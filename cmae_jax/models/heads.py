@@ -2,9 +2,8 @@
 
 CMAE projector:   MLPHead(1536, 256)                    d -> 1536 -> BN -> ReLU -> 256 (no bias)
 CMAE predictor:   MLPHead(1536, 256)                    256 -> 1536 -> BN -> ReLU -> 256
-NNCLR projector:  MLPHead(2048, 256, num_layers=3, hidden_bias=False, last_bias=True,
-                          last_bn=True)
-NNCLR predictor:  MLPHead(4096, 256, hidden_bias=False, last_bias=True)
+NNCLR projector:  MLPHead(2048, 256, num_layers=3, hidden_bias=False, last_bn=True)
+NNCLR predictor:  MLPHead(4096, 256, hidden_bias=False)         no bias anywhere
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 Parameters: params['encoder'] has exactly the structure of the MAE/CMAE encoder, so a
 stage-1 checkpoint's encoder drops in; params['projector'] and params['predictor'] are the
-NNCLR heads (SPEC, MAE-CT):
-  projector  Linear(d, 2048, no bias) -> BN -> ReLU -> Linear(2048, 2048, no bias) -> BN
-             -> ReLU -> Linear(2048, 256) -> BN(256)
-  predictor  Linear(256, 4096, no bias) -> BN -> ReLU -> Linear(4096, 256)
+NNCLR heads (SPEC, MAE-CT), every Linear without bias as in the official
+models/contrastive_heads/base/contrastive_head_base.py (the SPEC's text leaves the last
+Linear's bias unsaid):
+  projector  Linear(d, 2048) -> BN -> ReLU -> Linear(2048, 2048) -> BN -> ReLU
+             -> Linear(2048, 256) -> BN(256)
+  predictor  Linear(256, 4096) -> BN -> ReLU -> Linear(4096, 256)
 The EMA copy of the projector (whose outputs fill the queue) lives in the optimiser state
 (cmae_jax.ema) and runs through `project`.
 """
@@ -44,12 +46,9 @@ class MAECT(nn.Module):
             self.projection_dim,
             num_layers=3,
             hidden_bias=False,
-            last_bias=True,
             last_bn=True,
         )
-        self.predictor = MLPHead(
-            self.predictor_hidden, self.projection_dim, hidden_bias=False, last_bias=True
-        )
+        self.predictor = MLPHead(self.predictor_hidden, self.projection_dim, hidden_bias=False)
 
     def pool(self, images: jax.Array) -> jax.Array:
         """The encoder's pooled representation of whole images, [B, width] float32."""
