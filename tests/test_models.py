@@ -17,6 +17,7 @@ from cmae_jax.models.cmae import CMAE, build_model
 from cmae_jax.models.decoder import Decoder
 from cmae_jax.models.encoder_spec import EncoderSpec
 from cmae_jax.models.heads import MLPHead
+from cmae_jax.models.maect import MAECT
 
 
 def _params(variables):
@@ -391,6 +392,45 @@ def test_nnclr_heads_expressible():
         lambda: predictor.init_with_output(jax.random.key(0), jnp.ones((4, 8)), True)
     )
     assert out[0].shape == (4, 8)
+
+
+def test_nnclr_heads_start_as_torch_linear_default():
+    # torch.nn.Linear's default (kaiming_uniform, a = sqrt(5)): U(-b, b), b = 1 / sqrt(fan_in),
+    # variance b^2 / 3, for the weight and the bias alike.
+    model = MAECT(
+        EncoderSpec(width=64, depth=1, num_heads=2, mlp_dim=32, patch_size=4),
+        projector_hidden=256,
+        predictor_hidden=512,
+        projection_dim=128,
+    )
+    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), False))()
+    params = nn.meta.unbox(variables["params"])
+    dense = {
+        f"{head}/{name}": layer
+        for head in ("projector", "predictor")
+        for name, layer in params[head].items()
+        if name.startswith("dense_")
+    }
+    assert all(set(layer) == {"kernel"} for layer in dense.values())  # no bias anywhere
+    kernels = {name: np.asarray(layer["kernel"]) for name, layer in dense.items()}
+    assert sorted(kernels) == [
+        "predictor/dense_0", "predictor/dense_1",
+        "projector/dense_0", "projector/dense_1", "projector/dense_2",
+    ]  # fmt: skip
+    for name, kernel in kernels.items():
+        bound = 1 / math.sqrt(kernel.shape[0])
+        assert np.abs(kernel).max() <= bound, name
+        assert np.abs(kernel).max() > 0.99 * bound, name
+        assert abs(kernel.var() / (bound**2 / 3) - 1) < 0.05, name
+        assert abs(kernel.mean()) < 0.05 * bound, name
+    # A head with biases draws them from the same range; the default stays xavier / zero.
+    head = MLPHead(64, 32, last_bias=True, torch_init=True)
+    biased = nn.meta.unbox(head.init(jax.random.key(1), jnp.zeros((4, 400)), False)["params"])
+    bias = np.asarray(biased["dense_0"]["bias"])
+    assert np.abs(bias).max() <= 1 / math.sqrt(400) and np.abs(bias).max() > 0.5 / math.sqrt(400)
+    xavier = nn.meta.unbox(MLPHead(64, 32).init(jax.random.key(1), jnp.zeros((4, 400)), False))
+    kernel, zero = (np.asarray(xavier["params"]["dense_0"][k]) for k in ("kernel", "bias"))
+    assert np.abs(kernel).max() <= math.sqrt(6 / (400 + 64)) and not zero.any()
 
 
 # ----------------------------------------------------------------------------- CMAE

@@ -8,6 +8,7 @@ Linear's bias unsaid):
   projector  Linear(d, 2048) -> BN -> ReLU -> Linear(2048, 2048) -> BN -> ReLU
              -> Linear(2048, 256) -> BN(256)
   predictor  Linear(256, 4096) -> BN -> ReLU -> Linear(4096, 256)
+Their Linear layers start as torch.nn.Linear's default, as the official heads (models.heads).
 The EMA copy of the projector (whose outputs fill the queue) lives in the optimiser state
 (cmae_jax.ema) and runs through `project`.
 """
@@ -47,8 +48,11 @@ class MAECT(nn.Module):
             num_layers=3,
             hidden_bias=False,
             last_bn=True,
+            torch_init=True,
         )
-        self.predictor = MLPHead(self.predictor_hidden, self.projection_dim, hidden_bias=False)
+        self.predictor = MLPHead(
+            self.predictor_hidden, self.projection_dim, hidden_bias=False, torch_init=True
+        )
 
     def pool(self, images: jax.Array) -> jax.Array:
         """The encoder's pooled representation of whole images, [B, width] float32."""
