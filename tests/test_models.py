@@ -565,7 +565,7 @@ def test_encoder_spec_from_config_and_its_checks():
     model_cfg.num_heads, model_cfg.width = 2, 66
     with pytest.raises(ValueError, match="width=66.*multiple of 4"):
         EncoderSpec.from_config(model_cfg, input_cfg)
-    with pytest.raises(ValueError, match="sizes must be positive"):
+    with pytest.raises(ValueError, match="Encoder mlp_dim=0: .* must be positive"):
         EncoderSpec(width=8, depth=1, num_heads=2, mlp_dim=0, patch_size=4)
     # The spec builds the encoder the models hold: same sizes, its own overrides on top.
     encoder = TINY_ENCODER.encoder(drop_path=0.2)

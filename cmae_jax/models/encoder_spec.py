@@ -48,12 +48,12 @@ class EncoderSpec:
     scan_layers: bool = False  # nn.scan over the blocks (stacked parameters)
 
     def __post_init__(self) -> None:
-        sizes = {k: getattr(self, k) for k in ("width", "num_heads", "mlp_dim", "patch_size")}
-        bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
-        if bad or self.depth < 0 or self.channels < 1:
+        positive = ("width", "num_heads", "mlp_dim", "patch_size", "channels")
+        bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
+        bad += [f"depth={self.depth}"] if self.depth < 0 else []
+        if bad:
             raise ValueError(
-                f"Encoder sizes {', '.join(bad) or ''} depth={self.depth} "
-                f"channels={self.channels}: sizes must be positive (depth may be 0)."
+                f"Encoder {', '.join(bad)}: {', '.join(positive)} must be positive, depth >= 0."
             )
         if self.width % self.num_heads:
             raise ValueError(
