@@ -333,10 +333,10 @@ def hf_vitmae_runner(config: Any) -> tuple[Runner, dict[str, Any]]:
     import torch
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    from cmae_jax.models import cmae as cmae_model
+    from cmae_jax.models import encoder_spec
 
     check_hf_comparable(config)
-    ours = cmae_model.build_model(config.model, config.input, contrastive=False)
+    ours = encoder_spec.EncoderSpec.from_config(config.model, config.input)
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -366,7 +366,7 @@ def hf_vitmae_runner(config: Any) -> tuple[Runner, dict[str, Any]]:
     )
     b, size = config.input.global_batch_size, config.input.image_size
     pixels = torch.randn(b, ours.channels, size, size)
-    bf16 = cmae_model.resolve_dtype(config.model.dtype, "cpu") == "bfloat16"
+    bf16 = encoder_spec.resolve_dtype(config.model.dtype, "cpu") == "bfloat16"
 
     def step(state: None, batch: None) -> tuple[None, dict[str, Any]]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -427,14 +427,14 @@ def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
     import jax
 
     from cmae_jax import sharding
-    from cmae_jax.models import cmae as cmae_model
+    from cmae_jax.models import encoder_spec
 
     step_config, _ = stage_setup(config, stage)
     batch_size = step_config.input.global_batch_size
     mesh = sharding.make_mesh(step_config.mesh)
     rules = sharding.logical_axis_rules(step_config.logical_axis_rules)
     batch_sharding = sharding.batch_sharding(mesh)
-    dtype = cmae_model.resolve_dtype(step_config.model.dtype)
+    dtype = encoder_spec.resolve_dtype(step_config.model.dtype)
     device = jax.devices()[0]
     result: dict[str, Any] = {
         "config": config_flags.get_config_filename(FLAGS["config"]),

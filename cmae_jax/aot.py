@@ -138,12 +138,12 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
     return float(depth * (tokens * per_token + attention))
 
 
-def encoder_flops(model: Any, tokens: int, channels: int, depth: int | None = None) -> float:
-    """Forward FLOPs of the ViT encoder of `model` (CMAE or MAECT) on cls + tokens - 1
+def encoder_flops(spec: Any, tokens: int, channels: int, depth: int | None = None) -> float:
+    """Forward FLOPs of the ViT encoder `spec` (an EncoderSpec) on cls + tokens - 1
     patches of `channels`-channel images: patch embedding and `depth` blocks (default all)."""
-    embed = 2 * (tokens - 1) * model.patch_size * model.patch_size * channels * model.width
-    depth = model.depth if depth is None else depth
-    return embed + transformer_flops(tokens, model.width, depth, model.mlp_dim)
+    embed = 2 * (tokens - 1) * spec.patch_size * spec.patch_size * channels * spec.width
+    depth = spec.depth if depth is None else depth
+    return embed + transformer_flops(tokens, spec.width, depth, spec.mlp_dim)
 
 
 def mlp_head_flops(widths: list[int]) -> float:
@@ -163,28 +163,29 @@ def model_flops_per_step(config: Any) -> float:
     model = cmae_model.build_model(
         config.model, config.input, contrastive=config.loss.contrastive_weight > 0
     )
-    grid = config.input.image_size // model.patch_size
+    spec = model.encoder_spec
+    grid = config.input.image_size // spec.patch_size
     patches = grid * grid
     keep, _ = masking.mask_counts(grid, config.input)
-    pixel = model.patch_size * model.patch_size * model.channels
+    pixel = spec.patch_size * spec.patch_size * spec.channels
 
     def decoder(out_dim, depth):
         dw = model.pixel_decoder_width
-        embed = 2 * (keep + 1) * model.width * dw
+        embed = 2 * (keep + 1) * spec.width * dw
         blocks = transformer_flops(patches + 1, dw, depth, 4 * dw)
         return embed + blocks + 2 * (patches + 1) * dw * out_dim
 
     def head(d_in):
         return mlp_head_flops([d_in, model.projector_hidden, model.projection_dim])
 
-    trained = encoder_flops(model, keep + 1, model.channels)
+    trained = encoder_flops(spec, keep + 1, spec.channels)
     trained += decoder(pixel, model.pixel_decoder_depth)
     target = 0.0
     batch = config.input.global_batch_size
     if model.contrastive:
-        trained += decoder(model.width, model.feature_decoder_depth)
-        trained += head(model.width) + head(model.projection_dim)
-        target = encoder_flops(model, patches + 1, model.channels) + head(model.width)
+        trained += decoder(spec.width, model.feature_decoder_depth)
+        trained += head(spec.width) + head(model.projection_dim)
+        target = encoder_flops(spec, patches + 1, spec.channels) + head(spec.width)
         trained += 2 * batch * model.projection_dim  # the InfoNCE logits row of one query
     return float(batch * (3 * trained + target))
 
@@ -202,17 +203,18 @@ def maect_flops_per_step(config: Any, stage: Any) -> float:
     from cmae_jax.models import maect as maect_model
 
     model = maect_model.build_model(config.model, config.input, config.maect)
-    grid = config.input.image_size // model.patch_size
+    spec = model.encoder_spec
+    grid = config.input.image_size // spec.patch_size
     tokens = grid * grid + 1
     batch = config.input.global_batch_size
     dim = model.projection_dim
     channels = config.input.channels
     if stage.freeze_encoder:
-        frozen, trained = encoder_flops(model, tokens, channels), 0.0
+        frozen, trained = encoder_flops(spec, tokens, channels), 0.0
     else:
-        frozen = encoder_flops(model, tokens, channels, depth=stage.frozen_blocks)
-        trained = encoder_flops(model, tokens, channels) - frozen
-    projector = mlp_head_flops([model.width, model.projector_hidden, model.projector_hidden, dim])
+        frozen = encoder_flops(spec, tokens, channels, depth=stage.frozen_blocks)
+        trained = encoder_flops(spec, tokens, channels) - frozen
+    projector = mlp_head_flops([spec.width, model.projector_hidden, model.projector_hidden, dim])
     predictor = mlp_head_flops([dim, model.predictor_hidden, dim])
     trained += projector + predictor + 2 * batch * dim  # one logits row per view
     forward_only = frozen + 2 * config.maect.queue_size * dim
@@ -271,12 +273,12 @@ def compile_for_topology(config: Any, topology: str, num_train_examples: int) ->
 
     from cmae_jax import sharding, train_cmae, train_state
     from cmae_jax.data import masking
-    from cmae_jax.models import cmae as cmae_model
+    from cmae_jax.models import encoder_spec
 
     chip, libtpu_name, num_chips = parse_topology(topology)
     # The program is for TPUs, whatever this host's backend: 'auto' means bfloat16 there.
     config = config.copy_and_resolve_references()
-    config.model.dtype = cmae_model.resolve_dtype(config.model.dtype, "tpu")
+    config.model.dtype = encoder_spec.resolve_dtype(config.model.dtype, "tpu")
     devices = tpu_devices(chip, libtpu_name)
     start = time.time()
     mesh = sharding.make_mesh(config.mesh, devices)

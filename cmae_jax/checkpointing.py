@@ -1,5 +1,5 @@
-"""Orbax checkpoints of the train state plus the input pipeline's position, and loading
-parts of any run's checkpoint (e.g. its encoder) for another trainer or an evaluation."""
+"""Orbax checkpoints of the train state plus the input pipeline's position, and reading
+parts of one (cmae_jax.weights resolves a path to the folder to read)."""
 
 import math
 import os
@@ -12,8 +12,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
-
-from cmae_jax import workdir as workdir_files
 
 
 class Checkpointer:
@@ -160,7 +158,7 @@ def restore_latest(
     return None
 
 
-# -------------------------------------------------------------------- Loading parts of a run
+# -------------------------------------------------------------------- Parts of a step folder
 
 
 # A step folder holds the train state in `state`; a finished run may also write there, in
@@ -170,52 +168,11 @@ STATE = "state"
 PUBLISHED = "published"
 
 
-def find_checkpoint(path: str) -> epath.Path:
-    """The folder of parameters to read from the checkpoint `path` names: a step folder's
-    `published` parameters when the run wrote some, else its `state`.
-
-    `path` may be a workdir of any trainer here (its newest checkpoint; for a workdir of
-    stage sub-folders such as MAE-CT's 1_mae, 2_head, 3_tune, that of the last stage, in
-    name order, that has one), its checkpoints/ folder, one step folder checkpoints/N, or
-    one item of a step folder (checkpoints/N/state: the train state even where the run
-    published something else, e.g. MAE-CT's raw encoder).
-    A published checkpoint (file or model folder, see cmae_jax.interop) is its own path.
-    """
-    from cmae_jax import interop
-
-    if interop.is_published_checkpoint(path):
-        return epath.Path(path)
-    root = epath.Path(path)
-    if root.name in (STATE, PUBLISHED) and root.is_dir():
-        return root
-    if (root / STATE).exists():
-        return _readers_item(root)
-    stage_folders = []
-    if root.is_dir():
-        stage_folders = sorted(
-            (c / "checkpoints" for c in root.iterdir() if c.is_dir()), reverse=True
-        )
-    for folder in (root / "checkpoints", root, *stage_folders):
-        if folder.is_dir():
-            steps = [int(c.name) for c in folder.iterdir() if c.name.isdigit()]
-            steps = [s for s in steps if (folder / str(s) / STATE).exists()]
-            if steps:
-                return _readers_item(folder / str(max(steps)))
-    raise FileNotFoundError(
-        f"No checkpoint of this project at {path}: give a workdir (e.g. a MAE run or a MAE-CT "
-        "stage folder), its checkpoints/ folder or a step folder checkpoints/N."
-    )
-
-
-def _readers_item(step_folder: epath.Path) -> epath.Path:
-    published = step_folder / PUBLISHED
-    return published if published.exists() else step_folder / STATE
-
-
 def publish(checkpoint_dir: epath.Path, step: int, tree: Any) -> None:
     """Writes `tree` (e.g. {'params', 'batch_stats', ...}, laid out as the train state) as
-    what the run hands to readers: checkpoint_dir/<step>/published, which find_checkpoint
-    (and so load_params) then prefers to the step's train state. Every process calls it.
+    what the run hands to readers: checkpoint_dir/<step>/published, which
+    weights.find_checkpoint (and so weights.load_params) then prefers to the step's train
+    state. Every process calls it.
     """
     target = epath.Path(checkpoint_dir) / str(step) / PUBLISHED
     checkpointer = ocp.StandardCheckpointer()
@@ -225,28 +182,8 @@ def publish(checkpoint_dir: epath.Path, step: int, tree: Any) -> None:
     logging.info("Published %s", target)
 
 
-def run_folder(state_dir: epath.Path) -> epath.Path:
-    """The workdir that wrote the checkpoint whose `state` folder is `state_dir`."""
-    return state_dir.parent.parent.parent
-
-
-def run_config_json(path: str) -> dict[str, Any] | None:
-    """The config.json of the run that wrote the checkpoint `path` names, or None without one
-    (for a published checkpoint: the config its architecture implies)."""
-    from cmae_jax import interop
-
-    if interop.is_published_checkpoint(path):
-        return interop.run_config(path)
-    return workdir_files.read_json(run_folder(find_checkpoint(path)), "config.json")
-
-
 def saved_structure(state_dir: epath.Path) -> Any:
-    """The tree of array metadata (shapes, dtypes) a checkpoint's state holds; reads no data
-    (a published checkpoint, see cmae_jax.interop, is read whole)."""
-    from cmae_jax import interop
-
-    if interop.is_published_checkpoint(state_dir):
-        return interop.saved_structure(state_dir)
+    """The tree of array metadata (shapes, dtypes) an orbax checkpoint item holds; reads no data."""
     return ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
 
 
@@ -279,70 +216,3 @@ def restore_parts(state_dir: epath.Path, item: Any) -> Any:
             partial_restore=True,
         ),
     )
-
-
-def describe_encoder(encoder: dict) -> str:
-    """E.g. '12 blocks (scanned), 768 wide' for an encoder params tree (arrays or shapes)."""
-    if "blocks" in encoder:
-        depth = jax.tree.leaves(encoder["blocks"])[0].shape[0]
-        layout = "scanned"
-    else:
-        depth = sum(k.startswith("block_") for k in encoder)
-        layout = "unrolled"
-    width = encoder["cls"].shape[-1] if "cls" in encoder else "?"
-    return f"{depth} blocks ({layout}), {width} wide"
-
-
-def load_params(
-    path: str,
-    abstract_params: dict,
-    *,
-    required: tuple[str, ...] = ("encoder",),
-    optional: tuple[str, ...] = (),
-    abstract_batch_stats: dict | None = None,
-) -> tuple[dict, dict]:
-    """(params, batch_stats) of the checkpoint at `path` (see find_checkpoint: a finished
-    run's published parameters where it wrote some, e.g. MAE-CT stage 3's EMA encoder), for
-    a new run.
-
-    Restores params[key] for each `required` key (an error naming the shapes if the saved
-    one differs, e.g. another config.model) and for each `optional` key whose saved params
-    and BatchNorm statistics match `abstract_params` / `abstract_batch_stats`; nothing
-    else is read. Leaves land in the shardings of the abstract trees (ShapeDtypeStructs).
-    `path` may also name a published checkpoint (cmae_jax.interop), read the same way.
-    """
-    from cmae_jax import interop
-
-    if interop.is_published_checkpoint(path):
-        stats = abstract_batch_stats
-        return interop.load_params(
-            path, abstract_params, required=required, optional=optional, abstract_batch_stats=stats
-        )
-    state_dir = find_checkpoint(path)
-    saved = saved_structure(state_dir)
-    saved_params, saved_stats = saved["params"], saved.get("batch_stats") or {}
-    abstract_batch_stats = abstract_batch_stats or {}
-    for key in required:
-        if not same_shapes(saved_params.get(key), abstract_params[key]):
-            described = abstract_params[key]
-            if key == "encoder":
-                saved_form = describe_encoder(saved_params.get(key) or {})
-                described = f"{describe_encoder(described)}; the saved one: {saved_form}"
-            raise ValueError(
-                f"The {key} in {state_dir} has other shapes than the one config.model "
-                f"describes ({described}); use the config.model that checkpoint was trained "
-                "with (config.model.scan_layers included)."
-            )
-    matching = [
-        key
-        for key in optional
-        if same_shapes(saved_params.get(key), abstract_params.get(key))
-        and same_shapes(saved_stats.get(key), abstract_batch_stats.get(key))
-    ]
-    item = {"params": {k: abstract_params[k] for k in (*required, *matching)}}
-    stats_keys = [k for k in matching if k in abstract_batch_stats]
-    if stats_keys:
-        item["batch_stats"] = {k: abstract_batch_stats[k] for k in stats_keys}
-    restored = restore_parts(state_dir, item)
-    logging.info("Loaded %s from %s", ", ".join(item["params"]), state_dir)
-    return restored["params"], restored.get("batch_stats", {})

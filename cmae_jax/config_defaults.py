@@ -397,7 +397,7 @@ def _contrastive_stage(
     # end of the stage, and published for readers (see published_encoder).
     stage.encoder_ema_momentum = encoder_ema_momentum
     # The encoder a finished stage with an encoder EMA hands to later stages, evaluations
-    # and exports (checkpointing.load_params): 'ema' (the official released weights) or
+    # and exports (weights.load_params): 'ema' (the official released weights) or
     # 'raw' (the trained weights themselves).
     stage.published_encoder = "ema"
     stage.freeze_encoder = freeze_encoder  # the whole encoder (stage 2)

@@ -2,10 +2,13 @@
 
 import ml_collections
 
+# cmae_jax.data first: TensorFlow must load through it (it hides matplotlib and the
+# accelerators from TensorFlow); cmae_jax.weights reaches TensorFlow through clu.
 from cmae_jax.data import masking, sources
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
 from cmae_jax.sharding import logical_axis_rules, mesh_shape
+from cmae_jax.weights import CheckpointError, check_readable
 
 METHODS = ("cmae", "mae", "maect", "eval")
 
@@ -149,16 +152,11 @@ def validate(
 
 
 def _require_checkpoint(path: str, key: str) -> None:
-    """A checkpoint of this project or a published one (file, HF folder) exists at `path`."""
-    from cmae_jax.checkpointing import find_checkpoint
-
+    """A readable checkpoint of this project or a published one (file, HF folder) at `path`."""
     try:
-        find_checkpoint(path)
-    except FileNotFoundError as e:
-        raise ConfigError(
-            f"{key}: {e} Or give a published checkpoint: a .pth/.bin/.safetensors file or a "
-            "folder holding model.safetensors (README, 'Published checkpoints')."
-        ) from None
+        check_readable(path)
+    except CheckpointError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _validate_maect(
@@ -177,7 +175,7 @@ def _validate_maect(
         "config.maect.topk is now per stage: set config.stages.head.topk (official: 0, the "
         "nearest neighbour) and config.stages.tune.topk (official: 20, or 10 for _aug B/L).",
     )
-    depth = maect_model.build_model(config.model, config.input, m).depth
+    depth = maect_model.build_model(config.model, config.input, m).encoder_spec.depth
     for name in ("head", "tune"):
         stage, key = config.stages[name], f"config.stages.{name}"
         batch = stage.input.global_batch_size

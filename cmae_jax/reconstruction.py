@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from cmae_jax import checkpointing, sharding, train_state, visualize
+from cmae_jax import sharding, train_state, visualize, weights
 from cmae_jax.data import masking
 from cmae_jax.models import cmae as cmae_model
 
@@ -37,16 +37,16 @@ class Autoencoder:
 
 def run_config(path: str) -> ml_collections.ConfigDict:
     """The config (config.json) of the run that wrote the checkpoint at `path`."""
-    saved = checkpointing.run_config_json(path)
+    saved = weights.run_config_json(path)
     if saved is None:
         raise FileNotFoundError(f"The run of {path} has no config.json: its config is needed.")
     return ml_collections.ConfigDict(saved)
 
 
 def has_pixel_decoder(path: str) -> bool:
-    """Whether the checkpoint at `path` (see checkpointing.find_checkpoint) has a pixel
+    """Whether the checkpoint at `path` (see weights.find_checkpoint) has a pixel
     decoder: CMAE and MAE runs and MAE-CT's 1_mae stage do, MAE-CT's later stages do not."""
-    saved = checkpointing.saved_structure(checkpointing.find_checkpoint(path))
+    saved = weights.saved_structure(weights.find_checkpoint(path))
     return "pixel_decoder" in saved["params"]
 
 
@@ -74,7 +74,7 @@ def load_autoencoder(path: str, mesh: jax.sharding.Mesh | None = None) -> Autoen
     _, abstract = train_state.abstract_sharded_state(
         init_fn, jax.random.key(config.seed), mesh, rules
     )
-    params, _ = checkpointing.load_params(path, abstract, required=AUTOENCODER_KEYS)
+    params, _ = weights.load_params(path, abstract, required=AUTOENCODER_KEYS)
     return Autoencoder(model, params, config)
 
 

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cmae_jax import checkpointing, ema, loop, losses, optim, sharding, train_state, visualize
+from cmae_jax import ema, loop, losses, optim, sharding, train_state, visualize, weights
 from cmae_jax.data import masking, pipeline
 from cmae_jax.evaluation import knn
 from cmae_jax.models import cmae as cmae_model
@@ -253,7 +253,7 @@ def train_and_evaluate(
         if not config.get("init_from", ""):
             return state
         abstract = jax.eval_shape(lambda: state)
-        params, batch_stats = checkpointing.load_params(
+        params, batch_stats = weights.load_params(
             config.init_from,
             abstract.params,
             required=("encoder",),

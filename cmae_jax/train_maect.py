@@ -28,7 +28,7 @@ EMA of the trained encoder leaves rides in the optimiser state; `ema_encoder` co
 with the frozen leaves (constant, so their own EMA). At the end of the stage both encoders
 are evaluated, and the one stage.published_encoder names ('ema' by default, the weights the
 official release and probes use) is written beside the last checkpoint
-(`published_state`, checkpointing.publish), where checkpointing.load_params - and so later
+(`published_state`, checkpointing.publish), where weights.load_params - and so later
 stages, the evaluation entry point and exports - read it.
 """
 
@@ -58,6 +58,7 @@ from cmae_jax import (
     param_groups,
     train_cmae,
     train_state,
+    weights,
 )
 from cmae_jax import workdir as workdir_files
 from cmae_jax.evaluation import knn
@@ -115,7 +116,7 @@ def load_pretrained(path: str, abstract_state: MaectState) -> tuple[dict, dict]:
 
     Restores only those parts, straight into the shardings of `abstract_state`.
     """
-    return checkpointing.load_params(
+    return weights.load_params(
         path,
         abstract_state.params,
         required=("encoder",),
@@ -131,8 +132,8 @@ def load_queue(path: str, abstract_queue: nnclr.Queue) -> nnclr.Queue | None:
     Stage 3 starts with stage 2's queue as the official code, whose head restores its
     queue buffers with its weights. Restored straight into `abstract_queue`'s shardings.
     """
-    state_dir = checkpointing.find_checkpoint(path)
-    saved = checkpointing.saved_structure(state_dir).get("queue")
+    state_dir = weights.find_checkpoint(path)
+    saved = weights.saved_structure(state_dir).get("queue")
     abstract = serialization.to_state_dict(abstract_queue)
     if not checkpointing.same_shapes(saved, abstract):
         return None
@@ -170,7 +171,7 @@ def make_model_and_optimizer(
         )
         transforms["encoder"] = optax.chain(
             optim.adamw(stage.optimizer, encoder_lr),
-            param_groups.scale_by_layer_decay(model.depth, stage.layer_decay),
+            param_groups.scale_by_layer_decay(model.encoder_spec.depth, stage.layer_decay),
         )
         schedules["encoder_learning_rate"] = encoder_lr
     # Labels as a prefix tree over the top-level keys of the trainable params.
@@ -405,7 +406,7 @@ def train_stage(
     if keeps_encoder_ema(stage) and "knn_top1_raw" in results:
         chosen = "raw" if stage.published_encoder == "raw" else "ema"
         results["knn_top1"] = results[f"knn_top1_{chosen}"]
-    # Publish the chosen encoder where checkpointing.load_params reads.
+    # Publish the chosen encoder where weights.load_params reads.
     published = published_state(results["state"], stage)
     if published is not None:
         directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"

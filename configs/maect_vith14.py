@@ -40,14 +40,13 @@ produced those weights (batch 4096, 40 warmup epochs, one view). Stage 2's queue
 empty instead of with random vectors (see cmae_jax/nnclr.py).
 """
 
-from cmae_jax.config_defaults import base_config, maect_config
+from cmae_jax.config_defaults import base_config, maect_config, set_variant
 
 
 def get_config():
     """The MAE-CT ViT-H/14 ImageNet config."""
     config = base_config("mae")
-    config.model.variant = "H/14"
-    config.input.patch_size = 14
+    set_variant(config, "H/14")
     config.model.dtype = "bfloat16"
     config.num_epochs = 1600
     return maect_config(config, "H")

@@ -42,13 +42,13 @@ scaled by 2). Stage 2's queue starts empty instead of with random vectors (see
 cmae_jax/nnclr.py).
 """
 
-from cmae_jax.config_defaults import base_config, maect_config
+from cmae_jax.config_defaults import base_config, maect_config, set_variant
 
 
 def get_config():
     """The MAE-CT_aug ViT-H/16 ImageNet config."""
     config = base_config("mae")
-    config.model.variant = "H/16"
+    set_variant(config, "H/16")
     config.model.dtype = "bfloat16"
     config.num_epochs = 800
     return maect_config(config, "H", aug=True)

@@ -41,12 +41,12 @@ batch 4096, 40 warmup epochs, one view per image per step), where the official s
 cmae_jax/nnclr.py).
 """
 
-from cmae_jax.config_defaults import base_config, maect_config
+from cmae_jax.config_defaults import base_config, maect_config, set_variant
 
 
 def get_config():
     """The MAE-CT_aug ViT-L/16 ImageNet config."""
     config = base_config("mae")
-    config.model.variant = "L/16"
+    set_variant(config, "L/16")
     config.num_epochs = 800
     return maect_config(config, "L", aug=True)

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from cmae_jax import config_validation, ema, train_cmae
-from cmae_jax.config_defaults import fashion_mnist_config
+from cmae_jax.config_defaults import base_config, fashion_mnist_config, set_variant
 from cmae_jax.config_validation import ConfigError
 from cmae_jax.models import vit
 
@@ -110,6 +110,17 @@ def test_shipped_configs_build_abstractly(path):
         assert "feature_decoder" in params and "predictor" in params
     else:
         assert "projector" not in params
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_shipped_configs_take_their_variants_defaults(path):
+    # A config that sets config.model.variant by hand misses the mesh of its size (FSDP
+    # for L and H) and the patch size; set_variant gives both.
+    config = load_config(path)
+    expected = base_config("mae")
+    set_variant(expected, config.model.variant)
+    assert config.mesh.to_dict() == expected.mesh.to_dict()
+    assert config.input.patch_size == expected.input.patch_size
 
 
 @pytest.mark.parametrize(

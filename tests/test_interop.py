@@ -24,12 +24,13 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 from transformers.models.vit_mae import modeling_vit_mae  # noqa: E402
 
-from cmae_jax import checkpointing, config_validation, losses, sharding, train_state  # noqa: E402
+from cmae_jax import config_validation, losses, sharding, train_state, weights  # noqa: E402
 from cmae_jax.config_defaults import IMAGENET_MEAN, eval_config  # noqa: E402
 from cmae_jax.evaluation import features  # noqa: E402
 from cmae_jax.interop import convert, export, import_checkpoint  # noqa: E402
 from cmae_jax.models import vit  # noqa: E402
 from cmae_jax.models.cmae import CMAE  # noqa: E402
+from cmae_jax.models.encoder_spec import EncoderSpec  # noqa: E402
 from cmae_jax.models.heads import MLPHead  # noqa: E402
 
 WIDTH, DEPTH, HEADS, PATCH, SIZE = 192, 4, 3, 8, 64
@@ -120,13 +121,13 @@ def inputs():
     return images, noise, order[:, :NUM_KEEP], order[:, NUM_KEEP:]
 
 
-def tiny_cmae(**kwargs):
+def tiny_encoder(**kwargs):
+    return EncoderSpec(WIDTH, DEPTH, HEADS, 4 * WIDTH, PATCH, **kwargs)
+
+
+def tiny_cmae(scan_layers=False, **kwargs):
     return CMAE(
-        width=WIDTH,
-        depth=DEPTH,
-        num_heads=HEADS,
-        mlp_dim=4 * WIDTH,
-        patch_size=PATCH,
+        encoder_spec=tiny_encoder(scan_layers=scan_layers),
         pixel_decoder_width=DEC_WIDTH,
         pixel_decoder_depth=DEC_DEPTH,
         pixel_decoder_heads=DEC_HEADS,
@@ -451,16 +452,14 @@ def test_heads_compute_what_torch_computes(layouts):
         (
             maect,
             "projector",
-            MLPHead(
-                PROJ_HIDDEN, PROJ_DIM, num_layers=3, hidden_bias=False, last_bias=True, last_bn=True
-            ),
+            MLPHead(PROJ_HIDDEN, PROJ_DIM, num_layers=3, hidden_bias=False, last_bn=True),
             heads["maect"][0],
             x,
         ),
         (
             maect,
             "predictor",
-            MLPHead(32, PROJ_DIM, hidden_bias=False, last_bias=True),
+            MLPHead(32, PROJ_DIM, hidden_bias=False),
             heads["maect"][1],
             x[:, :PROJ_DIM],
         ),
@@ -516,7 +515,7 @@ def test_pretraining_init_from_official_mae_and_cmae(layouts, scan_layers):
         "cmae": set(PRETRAIN_OPTIONAL) | {"encoder"},
     }
     for name, keys in expected.items():
-        params, stats = checkpointing.load_params(
+        params, stats = weights.load_params(
             paths[name],
             abstract["params"],
             required=("encoder",),
@@ -585,11 +584,7 @@ def test_maect_stage_starts_from_official_weights(layouts):
 
     paths, _ = layouts
     model = MAECT(
-        WIDTH,
-        DEPTH,
-        HEADS,
-        4 * WIDTH,
-        PATCH,
+        tiny_encoder(),
         projector_hidden=PROJ_HIDDEN,
         predictor_hidden=32,
         projection_dim=PROJ_DIM,
@@ -613,7 +608,7 @@ def test_convert_export_round_trip(hf_folder, inputs, tmp_path):
     workdir = str(tmp_path / "converted")
     imported = convert.convert(hf_folder, workdir)
     abstract = abstract_of(tiny_cmae(contrastive=False))
-    params, _ = checkpointing.load_params(
+    params, _ = weights.load_params(
         workdir, abstract["params"], required=("encoder", "pixel_decoder")
     )
     same_trees(params, imported.params)
@@ -722,6 +717,66 @@ def test_convert_command_reports_errors(tmp_path):
     )
     assert result.returncode == 2
     assert "not a PyTorch checkpoint" in result.stderr
+    assert not workdir.exists()
+
+
+def damaged_run(folder):
+    """A workdir whose newest step folder holds a `state` that orbax cannot read."""
+    state = folder / "damaged_run" / "checkpoints" / "3" / "state"
+    state.mkdir(parents=True)
+    (state / "_METADATA").write_text("{not json")
+    return folder / "damaged_run", r"cannot be read"
+
+
+def checkpoint_takers():
+    """[(key, config, the section holding the key)]: pretraining, MAE-CT, evaluation."""
+    from cmae_jax.config_defaults import fashion_mnist_config, fashion_mnist_maect_config
+
+    pretraining, maect, evaluation = (
+        fashion_mnist_config("mae"),
+        fashion_mnist_maect_config(),
+        eval_config(("knn",)),
+    )
+    return [
+        ("config.init_from", pretraining, pretraining),
+        ("config.stages.head.init_from", maect, maect.stages.head),
+        ("config.init", evaluation, evaluation),
+    ]
+
+
+def test_bad_checkpoint_is_a_config_error_wherever_one_is_taken(layouts, hf_folder, tmp_path):
+    cases = bad_files(tmp_path, layouts, hf_folder)
+    cases["damaged run"] = damaged_run(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    for path, message in cases.values():
+        for key, config, section in checkpoint_takers():
+            section[key.rsplit(".", 1)[1]] = str(path)
+            with pytest.raises(config_validation.ConfigError, match=f"{key}: .*({message})"):
+                config_validation.validate(config, num_devices=1, check_data=True)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_evaluation_command_refuses_a_bad_file_before_writing(tmp_path):
+    (tmp_path / "garbage.pth").write_text("hello")
+    workdir = tmp_path / "eval"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmae_jax.main",
+            "--config=configs/eval/knn.py",
+            f"--config.init={tmp_path / 'garbage.pth'}",
+            f"--workdir={workdir}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Config error: config.init: " in result.stderr
+    assert "not a PyTorch checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not workdir.exists()
 
 

@@ -16,11 +16,12 @@ from flax import serialization
 from test_sharding import stack_blocks
 from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
 
-from cmae_jax import checkpointing, config_validation, ema, nnclr, param_groups, train_maect
+from cmae_jax import config_validation, ema, nnclr, param_groups, train_maect, weights
 from cmae_jax import workdir as workdir_files
 from cmae_jax.config_defaults import maect_config
 from cmae_jax.data import pipeline, sources
 from cmae_jax.models import maect as maect_model
+from cmae_jax.models.encoder_spec import EncoderSpec
 
 # ---------------------------------------------------------------------- Queue
 
@@ -238,11 +239,7 @@ def test_nnclr_loss_matches_numpy():
 
 def abstract_params(depth=4):
     model = maect_model.MAECT(
-        width=16,
-        depth=depth,
-        num_heads=2,
-        mlp_dim=32,
-        patch_size=4,
+        EncoderSpec(width=16, depth=depth, num_heads=2, mlp_dim=32, patch_size=4),
         projector_hidden=8,
         predictor_hidden=8,
         projection_dim=4,
@@ -317,9 +314,11 @@ def test_param_groups_of_scanned_blocks():
 
     # Freezing cuts each stacked leaf by rows, for arrays, boxed leaves and abstract shapes.
     model = maect_model.MAECT(
-        width=16, depth=4, num_heads=2, mlp_dim=32, patch_size=4, projector_hidden=8,
-        predictor_hidden=8, projection_dim=4, scan_layers=True,
-    )  # fmt: skip
+        EncoderSpec(width=16, depth=4, num_heads=2, mlp_dim=32, patch_size=4, scan_layers=True),
+        projector_hidden=8,
+        predictor_hidden=8,
+        projection_dim=4,
+    )
     init = jax.jit(lambda rng: model.init(rng, jnp.zeros((2, 8, 8, 1)), train=False)["params"])
     boxed = init(jax.random.key(0))
     params = nn.meta.unbox(boxed)
@@ -451,12 +450,10 @@ def test_stage_two_step_takes_the_nearest_neighbour(small_fashion_mnist):
 # Biases whose effect a BatchNorm removes, so that their gradient is float noise, which
 # Adam turns into +-lr steps that differ between any two summation orders: the encoder's
 # final-norm bias (it shifts every pooled feature by the same vector, which the
-# projector's first BatchNorm takes out), the projector's last Linear bias (a BatchNorm
-# follows) and that BatchNorm's bias (the predictor's first BatchNorm takes it out; the
-# keys that see it get no gradient).
+# projector's first BatchNorm takes out) and the projector's last BatchNorm's bias (the
+# predictor's first BatchNorm takes it out; the keys that see it get no gradient).
 BATCHNORM_CANCELLED_BIASES = (
     "['encoder']['norm']['bias']",
-    "['projector']['dense_2']['bias']",
     "['projector']['bn_2']['bias']",
 )
 
@@ -752,13 +749,13 @@ def test_stage_three_starts_with_stage_twos_queue(staged_run):
 def test_stage_three_publishes_its_ema_encoder(staged_run, capfd):
     config, workdir, summary = staged_run
     tune_dir = os.path.join(workdir, "3_tune")
-    published = checkpointing.find_checkpoint(tune_dir)
+    published = weights.find_checkpoint(tune_dir)
     assert (published.name, published.parent.name) == ("published", "4")
-    assert checkpointing.find_checkpoint(workdir) == published  # the MAE-CT workdir itself
+    assert weights.find_checkpoint(workdir) == published  # the MAE-CT workdir itself
     raw_dir = os.path.join(tune_dir, "checkpoints", "4", "state")
-    assert checkpointing.find_checkpoint(raw_dir) == published.parent / "state"
+    assert weights.find_checkpoint(raw_dir) == published.parent / "state"
     # Stage 2 (frozen encoder, no EMA) publishes nothing: readers take its train state.
-    assert checkpointing.find_checkpoint(os.path.join(workdir, "2_head")).name == "state"
+    assert weights.find_checkpoint(os.path.join(workdir, "2_head")).name == "state"
 
     # The EMA encoder, by hand from the raw checkpoint: the EMA (opt_state[2]) of the
     # trained leaves, the frozen stem and block_0 as they are.
@@ -768,13 +765,13 @@ def test_stage_three_publishes_its_ema_encoder(staged_run, capfd):
     expected = {**tune["params"]["encoder"], **target}
     abstract = abstract_maect_state(config)
     heads = ("projector", "predictor")
-    params, batch_stats = checkpointing.load_params(
+    params, batch_stats = weights.load_params(
         tune_dir, abstract.params, optional=heads, abstract_batch_stats=abstract.batch_stats
     )
     assert_trees_equal(params["encoder"], expected)
     assert_trees_equal({k: params[k] for k in heads}, {k: tune["params"][k] for k in heads})
     assert_trees_equal(batch_stats, tune["batch_stats"])
-    raw, _ = checkpointing.load_params(raw_dir, abstract.params)
+    raw, _ = weights.load_params(raw_dir, abstract.params)
     assert_trees_equal(raw["encoder"], tune["params"]["encoder"])
     moved = flat_arrays(expected["block_1"])
     assert any(

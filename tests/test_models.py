@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import flax.linen as nn
 import jax
@@ -14,7 +15,9 @@ import pytest
 from cmae_jax.models import vit
 from cmae_jax.models.cmae import CMAE, build_model
 from cmae_jax.models.decoder import Decoder
+from cmae_jax.models.encoder_spec import EncoderSpec
 from cmae_jax.models.heads import MLPHead
+from cmae_jax.models.maect import MAECT
 
 
 def _params(variables):
@@ -391,16 +394,51 @@ def test_nnclr_heads_expressible():
     assert out[0].shape == (4, 8)
 
 
+def test_nnclr_heads_start_as_torch_linear_default():
+    # torch.nn.Linear's default (kaiming_uniform, a = sqrt(5)): U(-b, b), b = 1 / sqrt(fan_in),
+    # variance b^2 / 3, for the weight and the bias alike.
+    model = MAECT(
+        EncoderSpec(width=64, depth=1, num_heads=2, mlp_dim=32, patch_size=4),
+        projector_hidden=256,
+        predictor_hidden=512,
+        projection_dim=128,
+    )
+    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), False))()
+    params = nn.meta.unbox(variables["params"])
+    dense = {
+        f"{head}/{name}": layer
+        for head in ("projector", "predictor")
+        for name, layer in params[head].items()
+        if name.startswith("dense_")
+    }
+    assert all(set(layer) == {"kernel"} for layer in dense.values())  # no bias anywhere
+    kernels = {name: np.asarray(layer["kernel"]) for name, layer in dense.items()}
+    assert sorted(kernels) == [
+        "predictor/dense_0", "predictor/dense_1",
+        "projector/dense_0", "projector/dense_1", "projector/dense_2",
+    ]  # fmt: skip
+    for name, kernel in kernels.items():
+        bound = 1 / math.sqrt(kernel.shape[0])
+        assert np.abs(kernel).max() <= bound, name
+        assert np.abs(kernel).max() > 0.99 * bound, name
+        assert abs(kernel.var() / (bound**2 / 3) - 1) < 0.05, name
+        assert abs(kernel.mean()) < 0.05 * bound, name
+    # A head with biases draws them from the same range; the default stays xavier / zero.
+    head = MLPHead(64, 32, last_bias=True, torch_init=True)
+    biased = nn.meta.unbox(head.init(jax.random.key(1), jnp.zeros((4, 400)), False)["params"])
+    bias = np.asarray(biased["dense_0"]["bias"])
+    assert np.abs(bias).max() <= 1 / math.sqrt(400) and np.abs(bias).max() > 0.5 / math.sqrt(400)
+    xavier = nn.meta.unbox(MLPHead(64, 32).init(jax.random.key(1), jnp.zeros((4, 400)), False))
+    kernel, zero = (np.asarray(xavier["params"]["dense_0"][k]) for k in ("kernel", "bias"))
+    assert np.abs(kernel).max() <= math.sqrt(6 / (400 + 64)) and not zero.any()
+
+
 # ----------------------------------------------------------------------------- CMAE
 
 
+TINY_ENCODER = EncoderSpec(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4, channels=1)
 TINY = dict(
-    width=16,
-    depth=2,
-    num_heads=2,
-    mlp_dim=32,
-    patch_size=4,
-    channels=1,
+    encoder_spec=TINY_ENCODER,
     pixel_decoder_width=8,
     pixel_decoder_depth=1,
     pixel_decoder_heads=2,
@@ -481,7 +519,7 @@ def test_cmae_forward_target_and_features(cmae_variables):
 
 def test_cmae_bf16_and_plain_mae(cmae_variables):
     images, ids_keep, ids_mask = _cmae_inputs()
-    model = CMAE(**TINY, dtype=jnp.bfloat16)
+    model = CMAE(**{**TINY, "encoder_spec": replace(TINY_ENCODER, dtype=jnp.bfloat16)})
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), images, ids_keep, ids_mask, train=True)
     )
@@ -515,6 +553,26 @@ def test_cmae_bf16_and_plain_mae(cmae_variables):
     np.testing.assert_allclose(out["pixel_pred"], ref["pixel_pred"], rtol=1e-6)
 
 
+def test_encoder_spec_from_config_and_its_checks():
+    model_cfg = ml_collections.ConfigDict(dict(variant="S/8", depth=None, dtype="float32"))
+    input_cfg = ml_collections.ConfigDict(dict(channels=3, patch_size=8, image_size=32))
+    spec = EncoderSpec.from_config(model_cfg, input_cfg)
+    assert (spec.width, spec.depth, spec.num_heads, spec.mlp_dim) == (384, 12, 6, 1536)
+    assert (spec.patch_size, spec.channels, spec.image_size, spec.remat) == (8, 3, 32, "none")
+    model_cfg.num_heads = 5
+    with pytest.raises(ValueError, match="num_heads=5 does not divide the width 384"):
+        EncoderSpec.from_config(model_cfg, input_cfg)
+    model_cfg.num_heads, model_cfg.width = 2, 66
+    with pytest.raises(ValueError, match="width=66.*multiple of 4"):
+        EncoderSpec.from_config(model_cfg, input_cfg)
+    with pytest.raises(ValueError, match="Encoder mlp_dim=0: .* must be positive"):
+        EncoderSpec(width=8, depth=1, num_heads=2, mlp_dim=0, patch_size=4)
+    # The spec builds the encoder the models hold: same sizes, its own overrides on top.
+    encoder = TINY_ENCODER.encoder(drop_path=0.2)
+    assert (encoder.width, encoder.depth, encoder.num_heads, encoder.mlp_dim) == (16, 2, 2, 32)
+    assert (encoder.patch_size, encoder.drop_path, encoder.dtype) == (4, 0.2, jnp.float32)
+
+
 def test_build_model_from_config():
     model_cfg = ml_collections.ConfigDict(
         dict(
@@ -533,11 +591,12 @@ def test_build_model_from_config():
     )
     input_cfg = ml_collections.ConfigDict(dict(channels=1, patch_size=4, image_size=28))
     model = build_model(model_cfg, input_cfg, contrastive=True)
-    assert (model.width, model.depth, model.num_heads, model.mlp_dim) == (96, 3, 3, 384)
-    assert model.dtype == jnp.bfloat16 and model.channels == 1 and model.contrastive
+    spec = model.encoder_spec
+    assert (spec.width, spec.depth, spec.num_heads, spec.mlp_dim) == (96, 3, 3, 384)
+    assert spec.dtype == jnp.bfloat16 and spec.channels == 1 and model.contrastive
     assert not build_model(model_cfg, input_cfg, contrastive=False).contrastive
-    model_cfg.width = 64
-    assert build_model(model_cfg, input_cfg).mlp_dim == 256
+    model_cfg.width, model_cfg.num_heads = 64, 4  # heads must divide the width
+    assert build_model(model_cfg, input_cfg).encoder_spec.mlp_dim == 256
     input_cfg.patch_size = 7
     with pytest.raises(ValueError, match="patch_size"):
         build_model(model_cfg, input_cfg)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_train import tiny_config
 
-from cmae_jax import checkpointing, progress_log, reconstruction, sharding, train_cmae
+from cmae_jax import checkpointing, progress_log, reconstruction, sharding, train_cmae, weights
 from cmae_jax.data import pipeline
 from cmae_jax.evaluation import features
 
@@ -46,7 +46,7 @@ def test_reconstruction_grid_at_several_ratios(cmae_run):
     images = next(pipeline.eval_dataset(config, source, batch_size=2).as_numpy_iterator())["image"]
     # The saved arrays, read back on their own (no sharding), as the reference.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), autoencoder.params)
-    state_dir = checkpointing.find_checkpoint(workdir)
+    state_dir = weights.find_checkpoint(workdir)
     saved = checkpointing.restore_parts(state_dir, {"params": abstract})["params"]
     for ratio in (0.5, 0.9):
         keep, mask = reconstruction.sample_masks(2, config.input, ratio)

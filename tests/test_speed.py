@@ -15,7 +15,7 @@ import pytest
 
 from cmae_jax.config_defaults import fashion_mnist_config, fashion_mnist_maect_config
 from cmae_jax.models import cmae as cmae_model
-from cmae_jax.models import vit
+from cmae_jax.models import encoder_spec, vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -152,17 +152,17 @@ def test_attention_equals_the_explicit_softmax_within_float32_tolerance():
 
 
 def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
-    assert cmae_model.resolve_dtype("auto", "cpu") == "float32"
-    assert cmae_model.resolve_dtype("auto", "gpu") == "bfloat16"
-    assert cmae_model.resolve_dtype("auto", "tpu") == "bfloat16"
-    assert cmae_model.resolve_dtype("float32", "tpu") == "float32"
+    assert encoder_spec.resolve_dtype("auto", "cpu") == "float32"
+    assert encoder_spec.resolve_dtype("auto", "gpu") == "bfloat16"
+    assert encoder_spec.resolve_dtype("auto", "tpu") == "bfloat16"
+    assert encoder_spec.resolve_dtype("float32", "tpu") == "float32"
     assert fashion_mnist_config("cmae").model.dtype == "auto"
     config = fashion_mnist_config("cmae")
-    assert cmae_model.build_model(config.model, config.input).dtype == (
+    assert cmae_model.build_model(config.model, config.input).encoder_spec.dtype == (
         jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     )
     with pytest.raises(ValueError, match="config.model.dtype='float16'"):
-        cmae_model.resolve_dtype("float16")
+        encoder_spec.resolve_dtype("float16")
 
 
 def test_the_training_path_imports_no_matplotlib():

@@ -23,10 +23,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from cmae_jax import checkpointing, sharding, train_state
+from cmae_jax import sharding, train_state, weights
 from cmae_jax.data import pipeline, sources
-from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
+from cmae_jax.models.encoder_spec import EncoderSpec
 
 POOLINGS = ("cls", "mean", "cls+mean")
 
@@ -42,21 +42,10 @@ class FeatureEncoder(nn.Module):
         return {**pooled, "cls+mean": jnp.concatenate([pooled["cls"], pooled["mean"]], axis=-1)}
 
 
-def build_encoder(config: ml_collections.ConfigDict, **overrides: Any) -> vit.Encoder:
-    """The encoder that config.model and config.input describe (sizes resolved and checked
-    exactly as the pretraining model builder does); `overrides` e.g. drop_path=0.1."""
-    mae = cmae_model.build_model(config.model, config.input, contrastive=False)
-    return vit.Encoder(
-        width=mae.width,
-        depth=mae.depth,
-        num_heads=mae.num_heads,
-        mlp_dim=mae.mlp_dim,
-        patch_size=mae.patch_size,
-        dtype=mae.dtype,
-        remat=mae.remat,
-        scan_layers=mae.scan_layers,
-        **overrides,
-    )
+def build_encoder(config: ml_collections.ConfigDict) -> vit.Encoder:
+    """The encoder that config.model and config.input describe (the pretraining models'
+    EncoderSpec)."""
+    return EncoderSpec.from_config(config.model, config.input).encoder()
 
 
 def pixel_features(images: jax.Array) -> dict[str, jax.Array]:
@@ -198,7 +187,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     (pipeline.normalize)."""
     if config.init in (*RANDOM_INIT, PIXELS) or not config.get("model_from_init", True):
         return config
-    saved = checkpointing.run_config_json(config.init)
+    saved = weights.run_config_json(config.init)
     if saved is None:
         logging.warning("No config.json for %s: the encoder follows config.model.", config.init)
         return config
@@ -242,5 +231,5 @@ def load_encoder(
         params, _, _ = train_state.create_sharded_state(init_fn, rng, mesh, rules)
         return model, params
     _, abstract = train_state.abstract_sharded_state(init_fn, rng, mesh, rules)
-    params, _ = checkpointing.load_params(init, abstract)
+    params, _ = weights.load_params(init, abstract)
     return model, params

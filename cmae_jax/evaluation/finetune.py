@@ -38,21 +38,25 @@ from cmae_jax import loop, optim, param_groups, train_state
 from cmae_jax.data import pipeline, sources, views
 from cmae_jax.evaluation import augment, features
 from cmae_jax.models import vit
+from cmae_jax.models.encoder_spec import EncoderSpec
 
 
 class Classifier(nn.Module):
-    """Encoder + (GAP -> fc_norm | normed cls token) + Linear head."""
+    """Encoder (stochastic depth `drop_path`) + (GAP -> fc_norm | normed cls token) + Linear
+    head."""
 
-    encoder: vit.Encoder
+    encoder_spec: EncoderSpec
     num_classes: int
     pooling: str = "gap"
+    drop_path: float = 0.0
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-        out = self.encoder(images, None, train=train)
+        encoder = self.encoder_spec.encoder(drop_path=self.drop_path, name="encoder")
+        out = encoder(images, None, train=train)
         if self.pooling == "gap":
             pooled = jnp.mean(out.prenorm[:, 1:], axis=1)
-            pooled = vit.layer_norm(self.encoder.dtype, "fc_norm")(pooled)
+            pooled = vit.layer_norm(self.encoder_spec.dtype, "fc_norm")(pooled)
         else:
             pooled = out.tokens[:, 0]
         return nn.Dense(
@@ -211,14 +215,14 @@ def train_and_evaluate(
     )
 
     # ---------------------------------------------------------------- Model and optimiser
-    encoder = features.build_encoder(config, drop_path=ft.drop_path)
-    model = Classifier(encoder, num_classes, pooling=ft.pooling)
+    spec = EncoderSpec.from_config(config.model, config.input)
+    model = Classifier(spec, num_classes, pooling=ft.pooling, drop_path=ft.drop_path)
     schedule = optim.learning_rate_schedule(
         ft.optimizer, ft.batch_size, run.steps_per_epoch, run.total_steps
     )
     tx = optax.chain(
         optim.adamw(ft.optimizer, schedule),
-        param_groups.scale_by_layer_decay(encoder.depth, ft.layer_decay),
+        param_groups.scale_by_layer_decay(spec.depth, ft.layer_decay),
     )
     size, channels = config.input.image_size, config.input.channels
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from cmae_jax import checkpointing
+from cmae_jax import checkpointing, weights
 from cmae_jax.interop import hf_vitmae, mae_timm, published
 from cmae_jax.interop.architecture import architecture_of
 
@@ -35,7 +35,7 @@ def _params(init: str, keys: tuple[str, ...]) -> dict[str, Any]:
     if published.is_published_checkpoint(init):
         imported = published.import_checkpoint(init).params
         return {k: imported[k] for k in keys if k in imported}
-    state_dir = checkpointing.find_checkpoint(init)
+    state_dir = weights.find_checkpoint(init)
     saved = checkpointing.saved_structure(state_dir)["params"]
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu)
@@ -48,7 +48,7 @@ def export(init: str, format_name: str, out: str) -> list[str]:
     """Writes the export of the checkpoint at `init` to `out`; returns the files written."""
     if format_name not in FORMATS:
         raise ValueError(f"--format={format_name!r}: use one of {', '.join(FORMATS)}.")
-    config = checkpointing.run_config_json(init)
+    config = weights.run_config_json(init)
     if config is None:
         raise FileNotFoundError(f"{init}: the run's config.json is missing; it is needed.")
     keys = ("encoder", "pixel_decoder") if format_name == "hf" else ("encoder",)

@@ -47,9 +47,6 @@ DECODER_RULES = [
 # The Sequential layers of the NNCLR heads: index -> name here.
 PROJECTOR_LAYERS = {0: "dense_0", 1: "bn_0", 3: "dense_1", 4: "bn_1", 6: "dense_2", 7: "bn_2"}
 PREDICTOR_LAYERS = {0: "dense_0", 1: "bn_0", 3: "dense_1"}
-# This project's heads have a bias on these layers (see cmae_jax/models/maect.py); MAE-CT's
-# have none there. A zero bias is the same function.
-ZERO_BIASES = {"projector": "dense_2", "predictor": "dense_1"}
 
 
 def _single_save(content: dict[str, Any]) -> bool:
@@ -134,14 +131,7 @@ def read_maect(content: Any, path: str) -> TorchCheckpoint:
     if heads:
         state = unwrap_state_dict(files[heads[0]])
         for name, layers in (("projector", PROJECTOR_LAYERS), ("predictor", PREDICTOR_LAYERS)):
-            part = _head(state, name, layers)
-            dense = ZERO_BIASES[name]
-            part[f"{dense}.bias"] = np.zeros(part[f"{dense}.weight"].shape[0], np.float32)
-            checkpoint.parts[name] = part
-        checkpoint.notes.append(
-            f"NNCLR head {heads[0]!r}: the last Linear of projector and predictor has no "
-            "bias there and a zero bias here (the same function)"
-        )
+            checkpoint.parts[name] = _head(state, name, layers)
         extra = [k for k in state if not k.startswith(("projector.", "predictor."))]
         if extra:
             checkpoint.left_out.append(

@@ -2,8 +2,8 @@
 
 `import_checkpoint` picks the reader by the file's keys, infers the architecture from the
 shapes, checks the fixed position tables against ours and reports what it loaded and
-what it left out. `load_params` and `run_config` are what cmae_jax.checkpointing hands a
-path to when it names a published checkpoint instead of a run of this project.
+what it left out. `load_params` and `run_config` are what cmae_jax.weights hands a path
+to when it names a published checkpoint instead of a run of this project.
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def config_of(imported: ImportedCheckpoint) -> dict[str, Any]:
 
 
 def run_config(path: str) -> dict[str, Any]:
-    """config_of the checkpoint at `path` (what checkpointing.run_config_json returns), its
+    """config_of the checkpoint at `path` (what weights.run_config_json returns), its
     config.model holding only what the checkpoint decides (so that an evaluation keeps its
     own dtype, remat and scan_layers)."""
     imported = import_checkpoint(path)
@@ -294,7 +294,7 @@ def run_config(path: str) -> dict[str, Any]:
 
 
 def saved_structure(path: str) -> dict[str, Any]:
-    """{'params', 'batch_stats'} as ShapeDtypeStruct trees (cf. checkpointing.saved_structure)."""
+    """{'params', 'batch_stats'} as ShapeDtypeStruct trees (cf. weights.saved_structure)."""
     imported = import_checkpoint(path)
     abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     return {
@@ -392,7 +392,7 @@ def load_params(
     abstract_batch_stats: dict | None = None,
 ) -> tuple[dict, dict]:
     """(params, batch_stats) of a published checkpoint for a new run; the contract of
-    checkpointing.load_params: every `required` key must match `abstract_params` (else an
+    weights.load_params: every `required` key must match `abstract_params` (else an
     error naming the shapes and the flags that fit), `optional` keys load where they match."""
     imported = import_checkpoint(path)
     abstract_batch_stats = abstract_batch_stats or {}

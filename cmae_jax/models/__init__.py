@@ -2,6 +2,7 @@
 
 from cmae_jax.models.cmae import CMAE, build_model
 from cmae_jax.models.decoder import Decoder
+from cmae_jax.models.encoder_spec import EncoderSpec
 from cmae_jax.models.heads import MLPHead
 from cmae_jax.models.vit import (
     ENCODER_SIZES,
@@ -20,6 +21,7 @@ __all__ = [
     "Decoder",
     "Encoder",
     "EncoderOutput",
+    "EncoderSpec",
     "MLPHead",
     "build_model",
     "encoder_from_variant",

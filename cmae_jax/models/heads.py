@@ -2,13 +2,17 @@
 
 CMAE projector:   MLPHead(1536, 256)                    d -> 1536 -> BN -> ReLU -> 256 (no bias)
 CMAE predictor:   MLPHead(1536, 256)                    256 -> 1536 -> BN -> ReLU -> 256
-NNCLR projector:  MLPHead(2048, 256, num_layers=3, hidden_bias=False, last_bias=True,
-                          last_bn=True)
-NNCLR predictor:  MLPHead(4096, 256, hidden_bias=False, last_bias=True)
+NNCLR projector:  MLPHead(2048, 256, num_layers=3, hidden_bias=False, last_bn=True,
+                          torch_init=True)
+NNCLR predictor:  MLPHead(4096, 256, hidden_bias=False, torch_init=True)  (no bias anywhere)
+
+The CMAE heads follow the MAE family's init (xavier-uniform kernels, zero biases); the
+official MAE-CT heads keep torch.nn.Linear's default, which `torch_init` reproduces.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +26,15 @@ Dtype = Any
 # torch BatchNorm1d defaults: momentum 0.1 (flax counts the other way: 1 - 0.1), eps 1e-5.
 BN_MOMENTUM = 0.9
 BN_EPS = 1e-5
+
+
+def torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
+    """torch.nn.Linear's default init of its weight (kaiming_uniform with a = sqrt(5)) and of
+    its bias, both U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
 
 
 class MLPHead(nn.Module):
@@ -44,6 +57,16 @@ class MLPHead(nn.Module):
     # Logical name of the input features ('embed' after an encoder, 'proj' after a
     # projector), so that the first kernel is split over fsdp like the encoder's.
     in_axis: str | None = None
+    # Linear layers initialised as torch.nn.Linear's default (torch_linear_init) instead of
+    # xavier-uniform kernels and zero biases.
+    torch_init: bool = False
+
+    def _dense(self, x: jax.Array, features: int, axes: tuple, name: str, bias: bool) -> jax.Array:
+        init = {}
+        if self.torch_init:
+            init = dict(kernel_init=torch_linear_init(x.shape[-1]))
+            init["bias_init"] = init["kernel_init"]
+        return vit.dense(features, axes, self.dtype, name, bias, **init)(x)
 
     def _batch_norm(self, train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
         return nn.BatchNorm(
@@ -63,21 +86,14 @@ class MLPHead(nn.Module):
         x = x.astype(self.dtype)
         for i in range(self.num_layers - 1):
             # A hidden->hidden layer would name 'mlp' twice, so its input axis stays unnamed.
-            x = vit.dense(
-                self.hidden_dim,
-                (self.in_axis if i == 0 else None, "mlp"),
-                self.dtype,
-                f"dense_{i}",
-                self.hidden_bias,
-            )(x)
+            axes = (self.in_axis if i == 0 else None, "mlp")
+            x = self._dense(x, self.hidden_dim, axes, f"dense_{i}", self.hidden_bias)
             x = nn.with_logical_constraint(x, ("batch", "activation_mlp"))
             x = self._batch_norm(train, "mlp", f"bn_{i}")(x)
             x = nn.relu(x)
         last = self.num_layers - 1
         in_axis = "mlp" if last else self.in_axis
-        x = vit.dense(self.out_dim, (in_axis, "proj"), self.dtype, f"dense_{last}", self.last_bias)(
-            x
-        )
+        x = self._dense(x, self.out_dim, (in_axis, "proj"), f"dense_{last}", self.last_bias)
         if self.last_bn:
             x = self._batch_norm(train, "proj", f"bn_{last}")(x)
         return nn.with_logical_constraint(x, ("batch", None))

@@ -122,14 +122,17 @@ def dense(
     dtype: Dtype,
     name: str,
     use_bias: bool = True,
+    kernel_init: nn.initializers.Initializer = xavier_uniform,
+    bias_init: nn.initializers.Initializer = zeros,
 ) -> nn.Dense:
-    """Linear layer with xavier-uniform kernel, zero bias and logical names (kernel axes)."""
+    """Linear layer with logical names (kernel axes); by default xavier-uniform kernel and
+    zero bias, the MAE family's rule."""
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
-        kernel_init=nn.with_logical_partitioning(xavier_uniform, axes),
-        bias_init=nn.with_logical_partitioning(zeros, (axes[1],)),
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)),
         name=name,
     )
 
