@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
 
-from cmae_jax import checkpointing, loop, sharding, train_cmae, train_state
+from cmae_jax import checkpointing, guard, loop, sharding, train_cmae, train_state
 from cmae_jax import workdir as workdir_files
 
 # ---------------------------------------------------------------- The guard inside the step
@@ -116,7 +116,7 @@ def test_endless_nans_stop_with_a_clear_message(small_fashion_mnist, tmp_path):
         max_consecutive_skips=2,
         max_rollbacks=1,
     )
-    with pytest.raises(loop.NonFiniteError) as error:
+    with pytest.raises(guard.NonFiniteError) as error:
         train_cmae.train_and_evaluate(config, str(tmp_path))
     message = str(error.value)
     assert "Step 5" in message and "reconstruction_loss=nan" in message
