@@ -556,6 +556,15 @@ def roll_back(
     return state, position.get("data_offset", 0) + (step - good)
 
 
+def save(
+    checkpointer: checkpointing.Checkpointer, step: int, state: Any, position: dict, force: bool
+) -> None:
+    """Saves `step` when due (or `force`), with one line of ours per save (cmae_jax.terminal
+    hides orbax's own)."""
+    if checkpointer.save(step, state, position, force=force):
+        logging.info("saved checkpoint step %d", step)
+
+
 def run_hooks(hooks: Sequence[Hook], step: int, state: Any, writer: Writer) -> dict[str, float]:
     """Runs `hooks` on `state`; their scalars go to the writer at `step` and come back."""
     scalars: dict[str, float] = {}
@@ -653,12 +662,12 @@ def train(
                     position["loss"] = logged["loss"]
                 if stop_now:
                     preempted = step < end_step
-                    checkpointer.save(step, state, position, force=True)
+                    save(checkpointer, step, state, position, force=True)
                     break
                 # A skipped step's state equals the last one: no checkpoint of it, so a
                 # run of bad steps never pushes the good checkpoints out.
                 if not skipped or step == end_step:
-                    checkpointer.save(step, state, position, force=step == end_step)
+                    save(checkpointer, step, state, position, force=step == end_step)
                 run_hooks(due_hooks(hooks, step, end_step), step, state, writer)
             checkpointer.wait()
         results: dict[str, Any] = {
