@@ -149,6 +149,9 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.compilation_cache_dir = "~/.cache/cmae_jax/jax_compilation_cache"
 
     config.log_every_steps = 100
+    # orbax's INFO lines (about 40 per checkpoint) on the terminal (cmae_jax.terminal);
+    # --verbosity=1 shows them too.
+    config.log_orbax_info = False
     # > 0: trace this many steps (after 10 warm-up steps) into WORKDIR/profile/process_<i>
     # on every process (TensorBoard's profile tab).
     config.profile_steps = 0

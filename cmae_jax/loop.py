@@ -44,7 +44,7 @@ from jax.experimental import multihost_utils
 
 from cmae_jax import checkpointing, sharding, train_state
 from cmae_jax import workdir as workdir_files
-from cmae_jax.guard import Action, Guard
+from cmae_jax.guard import Action, Decision, Guard
 from cmae_jax.hooks import Hook, due_hooks, end_hooks
 
 # Extra room asked of the disk beyond one checkpoint's bytes (metadata, the JSON files,
@@ -460,14 +460,16 @@ class Profile:
         self.last = min(self.first + self.steps - 1, end_step)
         self.folder = os.path.join(run.workdir, "profile", f"process_{jax.process_index()}")
 
-    def before(self, step: int) -> None:
+    def step(self, step: int, run_step: Callable[[], Any]) -> Any:
+        """run_step() (fetching the batch included) as training step `step`, traced when due."""
         if self.steps and step == self.first:
             jax.profiler.start_trace(self.folder)
-
-    def after(self, step: int, metrics: Any) -> None:
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            out = run_step()
         if self.steps and step == self.last:
-            jax.block_until_ready(metrics)
+            jax.block_until_ready(out)
             jax.profiler.stop_trace()
+        return out
 
 
 class ProgressLog:
@@ -493,7 +495,6 @@ class ProgressLog:
         self,
         step: int,
         metrics: dict[str, jax.Array],
-        *,
         skipped: int,
         is_last: bool,
         skipped_updates: int,
@@ -536,12 +537,12 @@ def roll_back(
     checkpointer: checkpointing.Checkpointer,
     abstract_state: Any,
     guard: Guard,
-    good: int,
-    run_length: int,
+    decision: Decision,
     step: int,
 ) -> tuple[Any, int]:
-    """(state, data offset) of the good checkpoint `good`, going on with the batches after
-    the bad ones rather than replaying them."""
+    """(state, data offset) of the decision's good checkpoint, going on with the batches
+    after the bad ones rather than replaying them."""
+    good, run_length = decision.good_step, decision.run_length
     state, position = checkpointer.restore(good, abstract_state)
     logging.warning(
         "Rollback %d/%d: %d non-finite steps in a row up to step %d; back to "
@@ -554,6 +555,24 @@ def roll_back(
         step - good,
     )
     return state, position.get("data_offset", 0) + (step - good)
+
+
+def step_flags(metrics: dict[str, jax.Array]) -> tuple[int, int]:
+    """(skipped, stop requested) of a step: two scalars, the same on all processes, so
+    every process takes the same decisions at the same step."""
+    flags = jax.device_get((metrics["skipped_update"], metrics["stop_requested"]))
+    return int(flags[0]), int(flags[1])
+
+
+def data_position(run: Run, step: int, data_offset: int, logged: dict | None) -> dict:
+    """The checkpoint's record of the input stream after `step`, with the step's loss when
+    it was logged (so that a rollback finds the last finite one)."""
+    position = checkpointing.data_position(
+        run.config, step, run.steps_per_epoch, data_offset=data_offset
+    )
+    if logged is not None:
+        position["loss"] = logged["loss"]
+    return position
 
 
 def save(
@@ -615,51 +634,29 @@ def train(
     state, step, data_offset = restore_or_start(run, task, checkpointer, layout, rng)
     writer = open_outputs(run, writers.create_writer)
     end_step = run.total_steps if stop_at_step is None else min(stop_at_step, run.total_steps)
-    guard, progress, profile = (
-        Guard.from_config(config.guard),
-        ProgressLog(run, task, step, writers.progress_report),
-        Profile(run, step, end_step),
-    )
+    guard, profile = Guard.from_config(config.guard), Profile(run, step, end_step)
+    progress = ProgressLog(run, task, step, writers.progress_report)
     preempted = False
     with StopRequest() as stop, jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
         with lost_processes_named():
             batches, skips = open_stream(run, task, step + data_offset, stop)
             while step < end_step:
                 step += 1
-                profile.before(step)
-                with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics = train_step(state, next(batches))
-                profile.after(step, metrics)
-                # Two scalars of every step, the same on all processes: so every process
-                # takes the same decisions below at the same step.
-                flags = jax.device_get((metrics["skipped_update"], metrics["stop_requested"]))
-                skipped, stop_now = (int(v) for v in flags)
+                state, metrics = profile.step(step, lambda: train_step(state, next(batches)))
+                skipped, stop_now = step_flags(metrics)
                 guard.record(skipped)
-                logged = progress(
-                    step,
-                    metrics,
-                    skipped=skipped,
-                    is_last=step == end_step or bool(stop_now),
-                    skipped_updates=guard.skipped_total,
-                    skips=skips,
-                )
+                is_last = step == end_step or bool(stop_now)
+                logged = progress(step, metrics, skipped, is_last, guard.skipped_total, skips)
                 decision = guard.decide(checkpointer.last_finite_step)
                 if decision.action is Action.FAIL:
                     raise guard.error(step, decision, logged or {}, checkpointer.directory)
                 if decision.action is Action.ROLL_BACK:
-                    good = decision.good_step
-                    state, data_offset = roll_back(
-                        checkpointer, layout[1], guard, good, decision.run_length, step
-                    )
-                    step = good
+                    state, data_offset = roll_back(checkpointer, layout[1], guard, decision, step)
+                    step = decision.good_step
                     progress.restart(step)
                     batches, skips = open_stream(run, task, step + data_offset, stop)
                     continue
-                position = checkpointing.data_position(
-                    config, step, run.steps_per_epoch, data_offset=data_offset
-                )
-                if logged is not None:
-                    position["loss"] = logged["loss"]
+                position = data_position(run, step, data_offset, logged)
                 if stop_now:
                     preempted = step < end_step
                     save(checkpointer, step, state, position, force=True)

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
-    terminal.configure(FLAGS.verbosity)
+    terminal.configure(FLAGS.verbosity >= 1 or config.get("log_orbax_info", False))
 
     import jax
 

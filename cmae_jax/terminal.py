@@ -1,7 +1,8 @@
 """What the terminal shows: progress lines, the config, warnings and errors.
 
 orbax logs about 40 INFO lines per checkpoint (its options, metadata reads and writes,
-device-to-host transfers); they are hidden unless --verbosity >= 1, and the loop logs one
+device-to-host transfers); they are hidden unless asked for (--verbosity=1, which also
+shows every library's DEBUG lines, or config.log_orbax_info=True), and the loop logs one
 line of its own per save. orbax's warnings and errors always show.
 """
 
@@ -30,10 +31,10 @@ def _loggers() -> tuple[logging.Logger, ...]:
     return (logging.getLogger("absl"), logging.getLogger())
 
 
-def configure(verbosity: int) -> None:
-    """Hides orbax's INFO lines at verbosity < 1 (absl's --verbosity), shows them above."""
+def configure(show_orbax_info: bool) -> None:
+    """Shows or hides orbax's INFO lines (however often called, one filter at most)."""
     for logger in _loggers():
         for existing in [f for f in logger.filters if isinstance(f, HideLibraryInfo)]:
             logger.removeFilter(existing)
-        if verbosity < 1:
+        if not show_orbax_info:
             logger.addFilter(HideLibraryInfo())

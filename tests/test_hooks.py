@@ -169,11 +169,11 @@ def test_orbax_info_is_hidden_unless_verbose():
     assert hide.filter(record(logging.INFO, "/repo/cmae_jax/loop.py"))
     absl_logger = logging.getLogger("absl")
     try:
-        terminal.configure(verbosity=0)
-        terminal.configure(verbosity=0)  # once, however often configured
+        terminal.configure(show_orbax_info=False)
+        terminal.configure(show_orbax_info=False)  # one filter, however often configured
         assert sum(isinstance(f, terminal.HideLibraryInfo) for f in absl_logger.filters) == 1
         assert not absl_logger.filter(record(logging.INFO, orbax_file))
-        terminal.configure(verbosity=1)
+        terminal.configure(show_orbax_info=True)
         assert absl_logger.filter(record(logging.INFO, orbax_file))
     finally:
-        terminal.configure(verbosity=1)
+        terminal.configure(show_orbax_info=True)
