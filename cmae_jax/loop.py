@@ -460,12 +460,13 @@ class Profile:
         self.last = min(self.first + self.steps - 1, end_step)
         self.folder = os.path.join(run.workdir, "profile", f"process_{jax.process_index()}")
 
-    def step(self, step: int, run_step: Callable[[], Any]) -> Any:
-        """run_step() (fetching the batch included) as training step `step`, traced when due."""
+    def step(self, step: int, train_step: Callable, state: Any, batches: Iterator) -> Any:
+        """train_step(state, next batch) as training step `step`, the batch's fetch
+        included, traced when due."""
         if self.steps and step == self.first:
             jax.profiler.start_trace(self.folder)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            out = run_step()
+            out = train_step(state, next(batches))
         if self.steps and step == self.last:
             jax.block_until_ready(out)
             jax.profiler.stop_trace()
@@ -642,7 +643,7 @@ def train(
             batches, skips = open_stream(run, task, step + data_offset, stop)
             while step < end_step:
                 step += 1
-                state, metrics = profile.step(step, lambda: train_step(state, next(batches)))
+                state, metrics = profile.step(step, train_step, state, batches)
                 skipped, stop_now = step_flags(metrics)
                 guard.record(skipped)
                 is_last = step == end_step or bool(stop_now)
