@@ -154,6 +154,14 @@ def test_an_unknown_evaluation_type_is_refused():
         evaluation_hooks.make_hooks(config, sharding.make_mesh(config.mesh), embed)
 
 
+def test_a_protocol_that_cannot_run_during_training_is_refused():
+    config = fashion_mnist_config("cmae")
+    config.eval.every_steps = 10
+    config.eval.periodic_protocols = ("knn", "finetune")
+    with pytest.raises(loop.StartError, match=r"evals\.periodic\.protocols holds 'finetune'"):
+        evaluation_hooks.make_hooks(config, sharding.make_mesh(config.mesh), embed)
+
+
 # ---------------------------------------------------------------- The terminal
 
 

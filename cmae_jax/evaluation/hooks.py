@@ -35,6 +35,8 @@ ParamsOf = Callable[[Any], dict[str, Any]]
 HookFn = Callable[[int, Any], Scalars]
 # Types whose work a trainer supplies itself (`own` of make_hooks).
 TRAINER_TYPES = ("reconstructions",)
+# The protocols a periodic entry can run: no pictures, no training of their own.
+PERIODIC_PROTOCOLS = ("knn", "low_shot", "clustering")
 
 
 def encoder_params(state: Any) -> dict[str, Any]:
@@ -43,12 +45,20 @@ def encoder_params(state: Any) -> dict[str, Any]:
 
 
 def _periodic(
+    name: str,
     entry: ml_collections.ConfigDict,
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     embed: protocols.Embed,
     params_of: ParamsOf,
 ) -> HookFn:
+    unusable = [p for p in entry.protocols if p not in PERIODIC_PROTOCOLS]
+    if unusable:
+        raise loop.StartError(
+            f"config.evals.{name}.protocols holds {', '.join(map(repr, unusable))}; during "
+            f"training only {', '.join(PERIODIC_PROTOCOLS)} can run (the others run in "
+            "configs/eval/ after training)."
+        )
     context = protocols.Context.for_training(config, mesh, embed, subset=entry.subset)
     runs = [protocols.make(name, context) for name in entry.protocols]
 
@@ -68,13 +78,14 @@ def _periodic(
 
 
 def _knn(
+    name: str,
     entry: ml_collections.ConfigDict,
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     embed: protocols.Embed,
     params_of: ParamsOf,
 ) -> HookFn:
-    del entry  # the k-NN's parameters are config.eval's, shared with the evaluation command
+    del name, entry  # the k-NN's parameters are config.eval's, as the evaluation command's
     knn = protocols.make("knn", protocols.Context.for_training(config, mesh, embed))
 
     def evaluate(step: int, state: Any) -> Scalars:
@@ -128,7 +139,9 @@ def make_hooks(
         if not any(when.values()):
             continue  # off
         if kind in BUILDERS:
-            hooks.append(Hook(name, BUILDERS[kind](entry, config, mesh, embed, params_of), **when))
+            hooks.append(
+                Hook(name, BUILDERS[kind](name, entry, config, mesh, embed, params_of), **when)
+            )
         elif kind in own:
             hooks.append(Hook(name, own[kind], **when))
         # else: this trainer has nothing of that kind (e.g. no pixel decoder to picture)
