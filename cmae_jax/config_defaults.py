@@ -149,6 +149,9 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.compilation_cache_dir = "~/.cache/cmae_jax/jax_compilation_cache"
 
     config.log_every_steps = 100
+    # orbax's INFO lines (about 40 per checkpoint) on the terminal (cmae_jax.terminal);
+    # --verbosity=1 shows them too.
+    config.log_orbax_info = False
     # > 0: trace this many steps (after 10 warm-up steps) into WORKDIR/profile/process_<i>
     # on every process (TensorBoard's profile tab).
     config.profile_steps = 0
@@ -172,6 +175,22 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     # that need no pictures or training of their own ('knn', 'low_shot', 'clustering').
     config.eval.periodic_protocols = ("knn",)
     config.eval.knn_chunk_size = 1024  # queries per k-NN step (device memory ~ chunk x bank)
+
+    # The evaluations and pictures of a training run, as hooks of the loop
+    # (cmae_jax.evaluation.hooks, which lists the types): name -> dict(type, every_steps,
+    # at_stop, at_end, ...), big_vision style. The defaults follow the keys above (set
+    # config.eval.every_steps, eval.knn, image_every_steps as before, or these directly).
+    config.evals = ml_collections.ConfigDict()
+    config.evals.periodic = dict(
+        type="periodic",
+        every_steps=config.eval.get_ref("every_steps"),
+        protocols=config.eval.get_ref("periodic_protocols"),
+        subset=config.eval.get_ref("knn_subset"),
+    )
+    config.evals.knn = dict(type="knn", at_end=config.eval.get_ref("knn"))
+    config.evals.reconstructions = dict(
+        type="reconstructions", every_steps=config.get_ref("image_every_steps"), at_stop=True
+    )
 
     return config
 

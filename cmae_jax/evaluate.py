@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from cmae_jax import loop, sharding
+from cmae_jax import loop, sharding, writers
 from cmae_jax import workdir as workdir_files
 from cmae_jax.evaluation import features, protocols
 
@@ -36,7 +36,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs config.protocols on the encoder config.init names; returns the flat results."""
     loop.check_workdir(workdir, "eval")
     is_chief = jax.process_index() == 0
-    writer = workdir_files.create_writer(workdir, is_chief=is_chief)
+    writer = writers.create_writer(workdir, is_chief=is_chief)
     config = features.resolve_config(config)
     if is_chief:
         workdir_files.write_json(workdir, "config.json", config)

@@ -1,21 +1,26 @@
 """The one training loop of every trainer: run set-up, the guarded step, faults and recovery.
 
 A trainer (CMAE/MAE pretraining, each MAE-CT stage, fine-tuning) describes what is its own
-as a `Task` (model state, update step, the batch columns it reads, hooks) and hands it to
-`train`. Everything else happens here, once:
+as a `Task` (model state, update step, the batch columns it reads) and hands it to `train`
+with its hooks (cmae_jax.hooks: evaluations, pictures, built above the loop). Everything
+else happens here, once:
 
   set-up      workdir checks (writable, not another method's run, room for a checkpoint)
-              before anything compiles; writer and config.json; mesh and rules; source and
-              step counts; the state created in its sharded layout.
+              before anything compiles; writer and config.json; mesh and rules; step counts
+              of the train data the trainer hands in; the state in its sharded layout.
   resume      the newest readable checkpoint (an unreadable one is logged, moved aside,
               never deleted), its data order checked; else the task's fresh-start hand-off.
   loop        the input stream from the exact data position; progress (images/s, ETA);
               scalars to TensorBoard and WORKDIR/metrics.jsonl; profiling; unreadable files
-              counted; periodic evaluations; checkpoint saves.
+              counted; checkpoint saves; the hooks at their steps and after the run.
   guards      a non-finite loss or gradient norm skips the update inside the jitted step;
-              too many in a row roll back to the last good checkpoint; SIGTERM / SIGINT
-              save at the next step that all processes agree on, then stop cleanly; a lost
-              process in a multi-process run ends the others with its name.
+              too many in a row roll back to the last good checkpoint (cmae_jax.guard);
+              SIGTERM / SIGINT save at the next step that all processes agree on, then
+              stop cleanly; a lost process in a multi-process run ends the others with its
+              name.
+
+Nothing here imports TensorFlow: the input pipeline comes in as a `TrainData`
+(cmae_jax.data.train_data), the evaluations as hooks.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -35,13 +40,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from cmae_jax import checkpointing, sharding, train_state
 from cmae_jax import workdir as workdir_files
-from cmae_jax.data import pipeline, sources
-from cmae_jax.evaluation import protocols
+from cmae_jax.guard import Action, Decision, Guard
+from cmae_jax.hooks import Hook, due_hooks, end_hooks
 
 # Extra room asked of the disk beyond one checkpoint's bytes (metadata, the JSON files,
 # TensorBoard events, pictures).
@@ -49,11 +53,8 @@ DISK_MARGIN = 1.1
 
 
 class StartError(ValueError):
-    """A run that cannot start (workdir, disk); the message names the problem and the fix."""
-
-
-class NonFiniteError(FloatingPointError):
-    """Training kept producing non-finite losses after every allowed rollback."""
+    """A run that cannot start (workdir, disk, hooks); the message names the problem and
+    the fix."""
 
 
 class LostProcessError(RuntimeError):
@@ -103,6 +104,39 @@ def check_disk(workdir: str, needed_bytes: int) -> None:
         )
 
 
+class Writer(Protocol):
+    """Where a run's scalars and pictures go (a clu MetricWriter, cmae_jax.writers)."""
+
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None: ...
+
+    def write_images(self, step: int, images: dict[str, Any]) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class BatchStream(Protocol):
+    """This process's numpy batches; `skipped` counts the unreadable files replaced."""
+
+    skipped: int
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+
+class TrainData(Protocol):
+    """The train split as the loop reads it (cmae_jax.data.train_data.TrainData)."""
+
+    source: Any
+    num_examples: int
+
+    def steps_per_epoch(self, global_batch_size: int) -> int: ...
+
+    def open(
+        self, config: ml_collections.ConfigDict, start_step: int, view_fn: Callable | None
+    ) -> BatchStream: ...
+
+
 @dataclasses.dataclass
 class Run:
     """What every trainer needs before its model: config, files, mesh, data and step counts."""
@@ -110,12 +144,17 @@ class Run:
     config: ml_collections.ConfigDict
     workdir: str
     method: str
-    writer: metric_writers.MetricWriter | None  # created by `train` once the start is sure
+    writer: Writer | None  # created by `train` once the start is sure
     mesh: jax.sharding.Mesh
     rules: tuple
-    train_source: sources.Source
+    data: TrainData
     steps_per_epoch: int
     total_steps: int
+
+    @property
+    def train_source(self) -> Any:
+        """The train split's source (cmae_jax.data.sources.Source)."""
+        return self.data.source
 
     @property
     def batch_sharding(self) -> jax.sharding.NamedSharding:
@@ -131,10 +170,10 @@ def set_up(
     workdir: str,
     *,
     method: str,
-    train_split: str | None = None,
-    writer: metric_writers.MetricWriter | None = None,
+    data: TrainData,
+    writer: Writer | None = None,
 ) -> Run:
-    """Checks the workdir, builds writer, mesh, rules and the train source.
+    """Checks the workdir, builds mesh and rules, counts the steps of `data`.
 
     `method` names the kind of run the workdir holds (config.json's method is checked
     against it); `writer` shares an existing writer (fine-tuning inside an evaluation).
@@ -156,17 +195,16 @@ def set_up(
             "micro-batch splits evenly over the devices."
         )
 
-    source = sources.make_source(config.dataset, train_split or config.dataset.train_split)
-    steps_per_epoch = pipeline.steps_per_epoch(source.num_examples, batch)
+    steps_per_epoch = data.steps_per_epoch(batch)
     total_steps = int(config.total_steps or config.num_epochs * steps_per_epoch)
     logging.info(
         "%s: %d training examples, %d steps per epoch, %d steps",
         method,
-        source.num_examples,
+        data.num_examples,
         steps_per_epoch,
         total_steps,
     )
-    return Run(config, workdir, method, writer, mesh, rules, source, steps_per_epoch, total_steps)
+    return Run(config, workdir, method, writer, mesh, rules, data, steps_per_epoch, total_steps)
 
 
 # -------------------------------------------------------------------- What a trainer gives
@@ -183,9 +221,6 @@ class Task:
     view_fn        the pipeline's per-example views (None: the pretraining views and masks)
     start_fresh    (state, run) -> state when no checkpoint exists (e.g. load an encoder)
     log_line       metrics -> the trainer's part of the progress line
-    embed          (params, images) -> pooled features, for k-NN evaluations (None: none)
-    evaluated      state -> {metric suffix: params} to evaluate with `embed`
-    on_log_step    (step, state) -> None at every image_every_steps and the last step
     """
 
     init_state: Callable[[jax.Array], Any]
@@ -194,9 +229,6 @@ class Task:
     view_fn: Callable[..., dict[str, Any]] | None = None
     start_fresh: Callable[[Any, Run], Any] | None = None
     log_line: Callable[[dict[str, float]], str] = lambda m: f"loss {m['loss']:.4f}"
-    embed: Callable[[Any, jax.Array], dict[str, jax.Array]] | None = None
-    evaluated: Callable[[Any], dict[str, Any]] = lambda state: {"": state.params}
-    on_picture_step: Callable[[int, Any], None] | None = None
 
 
 def update_in_place(fn: Callable[..., Any], state: Any, *args: Any) -> Any:
@@ -301,7 +333,7 @@ def poison(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def device_batches(
-    run: Run, task: Task, stream_start: int, stop: StopRequest, skips: pipeline.SkipCounter
+    run: Run, task: Task, stream_start: int, stop: StopRequest, skips: BatchStream
 ) -> Iterator[dict[str, jax.Array]]:
     """Global batches of the stream from batch `stream_start` on, with the stop flags."""
     poisoned = set(run.config.guard.get("poison_batches", ()) or ())
@@ -321,21 +353,13 @@ def device_batches(
 
 def open_stream(
     run: Run, task: Task, stream_start: int, stop: StopRequest
-) -> tuple[Iterator[dict[str, jax.Array]], pipeline.SkipCounter]:
+) -> tuple[Iterator[dict[str, jax.Array]], BatchStream]:
     """(device batches, counter of replaced unreadable files) from stream batch `stream_start`."""
-    local = pipeline.train_dataset(
-        run.config,
-        run.train_source,
-        start_step=stream_start,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        view_fn=task.view_fn,
-    ).as_numpy_iterator()
-    skips = pipeline.SkipCounter(local, run.train_source)
+    skips = run.data.open(run.config, stream_start, task.view_fn)
     return device_batches(run, task, stream_start, stop, skips), skips
 
 
-# -------------------------------------------------------------------- The loop
+# -------------------------------------------------------------------- Lost processes
 
 
 def _lost_process_message(error: Exception) -> str:
@@ -359,31 +383,26 @@ def _lost_process_message(error: Exception) -> str:
     )
 
 
-def _non_finite_parts(metrics: dict[str, float]) -> str:
-    parts = [
-        f"{k}={v}"
-        for k, v in metrics.items()
-        if (k.endswith("loss") or k == "grad_norm") and not np.isfinite(v)
-    ]
-    return ", ".join(parts) or "loss"
+@contextlib.contextmanager
+def lost_processes_named() -> Iterator[None]:
+    """Turns a failed collective of a multi-process run into a LostProcessError that names
+    the processes that stopped answering."""
+    try:
+        yield
+    except (jax.errors.JaxRuntimeError, ValueError) as error:
+        if jax.process_count() > 1 and _is_collective_failure(error):
+            raise LostProcessError(_lost_process_message(error)) from error
+        raise
 
 
-def train(run: Run, task: Task, *, stop_at_step: int | None = None) -> dict[str, Any]:
-    """Trains `task` in `run` from the newest checkpoint (or afresh) to its last step.
+# -------------------------------------------------------------------- Pieces of `train`
 
-    `stop_at_step` ends the run after saving a checkpoint at that step, as a preemption
-    would (the schedules still span all steps). Returns 'history' ((step, loss) of every
-    logged step), 'complete', 'preempted', 'skipped_updates', 'rollbacks' and, for a
-    complete run with config.eval.knn, 'knn_top1<suffix>' per `task.evaluated` entry.
-    """
-    config, mesh = run.config, run.mesh
-    guard = config.guard
-    is_chief = jax.process_index() == 0
 
-    # ---------------------------------------------------------------- Sharded state
-    rng = jax.random.key(config.seed)
+def sharded_layout(run: Run, task: Task, rng: jax.Array) -> tuple[Any, Any]:
+    """(state shardings, abstract state) of the task; refuses a disk too small for one
+    checkpoint of it."""
     state_shardings, abstract_state = train_state.abstract_sharded_state(
-        task.init_state, rng, mesh, run.rules
+        task.init_state, rng, run.mesh, run.rules
     )
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
     check_disk(run.workdir, state_bytes)
@@ -392,197 +411,275 @@ def train(run: Run, task: Task, *, stop_at_step: int | None = None) -> dict[str,
         sum(x.size for x in jax.tree.leaves(abstract_state.params)) / 1e6,
         state_bytes / 2**20,
     )
+    return state_shardings, abstract_state
 
-    # ---------------------------------------------------------------- Update step
-    train_step = jit_step(task.train_step, state_shardings, mesh)
 
-    # ---------------------------------------------------------------- Checkpoint
-    checkpointer = checkpointing.Checkpointer(
-        run.workdir, keep=config.keep_checkpoints, save_every_steps=config.checkpoint_every_steps
-    )
-    expected = lambda step, offset=0: checkpointing.data_position(
-        config, step, run.steps_per_epoch, data_offset=offset
-    )
-    resumed = checkpointing.restore_latest(checkpointer, abstract_state, expected(0))
+def restore_or_start(
+    run: Run,
+    task: Task,
+    checkpointer: checkpointing.Checkpointer,
+    layout: tuple[Any, Any],
+    rng: jax.Array,
+) -> tuple[Any, int, int]:
+    """(state, its step, data offset) of the newest readable checkpoint, else a fresh state
+    after the task's fresh-start hand-off."""
+    state_shardings, abstract_state = layout
+    start = checkpointing.data_position(run.config, 0, run.steps_per_epoch)
+    resumed = checkpointing.restore_latest(checkpointer, abstract_state, start)
     if resumed is not None:
         state, position = resumed
-        start_step, data_offset = position["next_step"], position.get("data_offset", 0)
-        logging.info("Resumed from %s at step %d", checkpointer.directory, start_step)
-    else:
-        state = train_state.init_sharded(task.init_state, rng, state_shardings)
-        start_step, data_offset = 0, 0
-        if task.start_fresh is not None:
-            state = task.start_fresh(state, run)
-    # Only now, with the checkpoints known to fit this config: a refused start leaves the
-    # workdir as it was.
+        logging.info("Resumed from %s at step %d", checkpointer.directory, position["next_step"])
+        return state, position["next_step"], position.get("data_offset", 0)
+    state = train_state.init_sharded(task.init_state, rng, state_shardings)
+    if task.start_fresh is not None:
+        state = task.start_fresh(state, run)
+    return state, 0, 0
+
+
+def open_outputs(run: Run, create_writer: Callable[..., Writer]) -> Writer:
+    """The run's writer and config.json: only once the checkpoints are known to fit this
+    config, so that a refused start leaves the workdir as it was."""
+    is_chief = jax.process_index() == 0
     if run.writer is None:
-        run.writer = workdir_files.create_writer(run.workdir, is_chief=is_chief)
-    writer = run.writer
+        run.writer = create_writer(run.workdir, is_chief=is_chief)
     if is_chief:
-        saved = config.copy_and_resolve_references()
+        saved = run.config.copy_and_resolve_references()
         with saved.unlocked():
             saved.method = run.method
         workdir_files.write_json(run.workdir, "config.json", saved)
+    return run.writer
 
-    # ---------------------------------------------------------------- Evaluations
-    every = int(config.eval.get("every_steps", 0) or 0)
-    periodic = None
-    if every and task.embed is not None:
-        periodic = protocols.make_periodic(config, mesh, task.embed, writer)
 
-    # ---------------------------------------------------------------- Loop
-    end_step = run.total_steps if stop_at_step is None else min(stop_at_step, run.total_steps)
-    progress = lambda: periodic_actions.ReportProgress(
-        num_train_steps=run.total_steps, writer=writer, every_steps=config.log_every_steps
+class Profile:
+    """Traces config.profile_steps steps, after 10 of warm-up and compilation, on every
+    process into its own folder (tracing adds no collectives of its own)."""
+
+    def __init__(self, run: Run, start_step: int, end_step: int) -> None:
+        self.steps = int(run.config.get("profile_steps", 0) or 0)
+        self.first = min(start_step + 11, end_step)
+        self.last = min(self.first + self.steps - 1, end_step)
+        self.folder = os.path.join(run.workdir, "profile", f"process_{jax.process_index()}")
+
+    def step(self, step: int, train_step: Callable, state: Any, batches: Iterator) -> Any:
+        """train_step(state, next batch) as training step `step`, the batch's fetch
+        included, traced when due."""
+        if self.steps and step == self.first:
+            jax.profiler.start_trace(self.folder)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            out = train_step(state, next(batches))
+        if self.steps and step == self.last:
+            jax.block_until_ready(out)
+            jax.profiler.stop_trace()
+        return out
+
+
+class ProgressLog:
+    """Progress lines, TensorBoard / metrics.jsonl scalars and the (step, loss) history of
+    the logged steps: every config.log_every_steps, the last step and skipped steps."""
+
+    def __init__(
+        self, run: Run, task: Task, start_step: int, report: Callable[..., Callable[[int], Any]]
+    ) -> None:
+        """`report(total_steps, writer, every_steps)`: an action called with every step."""
+        self.run, self.task, self._new_report = run, task, report
+        self.history: list[tuple[int, float]] = []
+        self.restart(start_step)
+
+    def restart(self, step: int) -> None:
+        """Starts the images/s and ETA measurements afresh at `step` (start, rollback)."""
+        self._report = self._new_report(
+            self.run.total_steps, self.run.writer, self.run.config.log_every_steps
+        )
+        self._time, self._step = time.time(), step
+
+    def __call__(
+        self,
+        step: int,
+        metrics: dict[str, jax.Array],
+        skipped: int,
+        is_last: bool,
+        skipped_updates: int,
+        skips: BatchStream,
+    ) -> dict[str, float] | None:
+        """Logs `step` when due; returns its scalars then, else None."""
+        run = self.run
+        self._report(step)
+        if not (step % run.config.log_every_steps == 0 or is_last or skipped):
+            return None
+        logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        rate = (step - self._step) / max(now - self._time, 1e-9)
+        self._time, self._step = now, step
+        logged["images_per_sec"] = rate * run.global_batch_size
+        logged["epoch"] = step / run.steps_per_epoch
+        logged["skipped_updates"] = float(skipped_updates)
+        # All processes log at the same steps, so the collective is safe here.
+        logged["skipped_files"] = float(
+            np.sum(multihost_utils.process_allgather(np.int64(skips.skipped)))
+        )
+        logged.pop("stop_requested")
+        run.writer.write_scalars(step, logged)
+        self.history.append((step, logged["loss"]))
+        eta = (run.total_steps - step) / max(rate, 1e-9) / 60
+        logging.info(
+            "%s step %d/%d | %s | %.0f images/s | ETA %.1f min%s",
+            run.method,
+            step,
+            run.total_steps,
+            self.task.log_line(logged),
+            logged["images_per_sec"],
+            eta,
+            " | update skipped (non-finite)" if skipped else "",
+        )
+        return logged
+
+
+def roll_back(
+    checkpointer: checkpointing.Checkpointer,
+    abstract_state: Any,
+    guard: Guard,
+    decision: Decision,
+    step: int,
+) -> tuple[Any, int]:
+    """(state, data offset) of the decision's good checkpoint, going on with the batches
+    after the bad ones rather than replaying them."""
+    good, run_length = decision.good_step, decision.run_length
+    state, position = checkpointer.restore(good, abstract_state)
+    logging.warning(
+        "Rollback %d/%d: %d non-finite steps in a row up to step %d; back to "
+        "the checkpoint of step %d, skipping %d batches of data.",
+        guard.rollbacks,
+        guard.max_rollbacks,
+        run_length,
+        step,
+        good,
+        step - good,
     )
-    report_progress = progress()
-    profile_steps = int(config.get("profile_steps", 0) or 0)
-    # Every process traces the same steps (after 10 of warm-up and compilation) into its
-    # own folder; tracing adds no collectives of its own.
-    profile_first = min(start_step + 11, end_step)
-    profile_last = min(profile_first + profile_steps - 1, end_step)
-    history: list[tuple[int, float]] = []
-    skipped_total, consecutive, rollbacks, preempted = 0, 0, 0, False
-    last_log_time, last_log_step = time.time(), start_step
-    step = start_step
-    multiprocess = jax.process_count() > 1
+    return state, position.get("data_offset", 0) + (step - good)
 
-    with StopRequest() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(run.rules):
-        batches, skips = open_stream(run, task, start_step + data_offset, stop)
-        try:
+
+def step_flags(metrics: dict[str, jax.Array]) -> tuple[int, int]:
+    """(skipped, stop requested) of a step: two scalars, the same on all processes, so
+    every process takes the same decisions at the same step."""
+    flags = jax.device_get((metrics["skipped_update"], metrics["stop_requested"]))
+    return int(flags[0]), int(flags[1])
+
+
+def data_position(run: Run, step: int, data_offset: int, logged: dict | None) -> dict:
+    """The checkpoint's record of the input stream after `step`, with the step's loss when
+    it was logged (so that a rollback finds the last finite one)."""
+    position = checkpointing.data_position(
+        run.config, step, run.steps_per_epoch, data_offset=data_offset
+    )
+    if logged is not None:
+        position["loss"] = logged["loss"]
+    return position
+
+
+def save(
+    checkpointer: checkpointing.Checkpointer, step: int, state: Any, position: dict, force: bool
+) -> None:
+    """Saves `step` when due (or `force`), with one line of ours per save (cmae_jax.terminal
+    hides orbax's own)."""
+    if checkpointer.save(step, state, position, force=force):
+        logging.info("saved checkpoint step %d", step)
+
+
+def run_hooks(hooks: Sequence[Hook], step: int, state: Any, writer: Writer) -> dict[str, float]:
+    """Runs `hooks` on `state`; their scalars go to the writer at `step` and come back."""
+    scalars: dict[str, float] = {}
+    for hook in hooks:
+        out = hook(step, state)
+        if out:
+            writer.write_scalars(step, out)
+            scalars.update(out)
+    return scalars
+
+
+def finish(run: Run, checkpointer: checkpointing.Checkpointer, results: dict[str, Any]) -> None:
+    """Closes checkpoints and writer; a complete run's scalar results to results.json."""
+    checkpointer.close()
+    run.writer.flush()
+    if results["preempted"]:
+        logging.warning("Saved step %d; run the same command to resume.", results["step"])
+    if jax.process_index() == 0 and results["complete"]:
+        final = {k: v for k, v in results.items() if isinstance(v, float | int | bool)}
+        workdir_files.write_json(run.workdir, "results.json", final)
+
+
+# -------------------------------------------------------------------- The loop
+
+
+def train(
+    run: Run, task: Task, *, hooks: Sequence[Hook] = (), stop_at_step: int | None = None
+) -> dict[str, Any]:
+    """Trains `task` in `run` from the newest checkpoint (or afresh) to its last step,
+    running `hooks` at their steps.
+
+    `stop_at_step` ends the run after saving a checkpoint at that step, as a preemption
+    would (the schedules still span all steps). Returns 'history' ((step, loss) of every
+    logged step), 'complete', 'preempted', 'step', 'skipped_updates', 'rollbacks', 'state'
+    and, for a complete run, the scalars of the at_end hooks.
+    """
+    # clu's writers import TensorFlow: imported here, when a run starts, so that the update
+    # step (jit_step) imports where TensorFlow is not installed.
+    from cmae_jax import writers
+
+    config = run.config
+    rng = jax.random.key(config.seed)
+    layout = sharded_layout(run, task, rng)
+    train_step = jit_step(task.train_step, layout[0], run.mesh)
+    checkpointer = checkpointing.Checkpointer(
+        run.workdir, keep=config.keep_checkpoints, save_every_steps=config.checkpoint_every_steps
+    )
+    state, step, data_offset = restore_or_start(run, task, checkpointer, layout, rng)
+    writer = open_outputs(run, writers.create_writer)
+    end_step = run.total_steps if stop_at_step is None else min(stop_at_step, run.total_steps)
+    guard, profile = Guard.from_config(config.guard), Profile(run, step, end_step)
+    progress = ProgressLog(run, task, step, writers.progress_report)
+    preempted = False
+    with StopRequest() as stop, jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+        with lost_processes_named():
+            batches, skips = open_stream(run, task, step + data_offset, stop)
             while step < end_step:
                 step += 1
-                if profile_steps and step == profile_first:
-                    jax.profiler.start_trace(
-                        os.path.join(run.workdir, "profile", f"process_{jax.process_index()}")
-                    )
-                with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics = train_step(state, next(batches))
-                if profile_steps and step == profile_last:
-                    jax.block_until_ready(metrics)
-                    jax.profiler.stop_trace()
-                # Two scalars of every step, the same on all processes: so every process
-                # takes the same decisions below at the same step.
-                flags = jax.device_get((metrics["skipped_update"], metrics["stop_requested"]))
-                skipped, stop_now = (int(v) for v in flags)
-                skipped_total += skipped
-                consecutive = consecutive + 1 if skipped else 0
-                report_progress(step)
-                is_last = step == end_step or stop_now
-                logged = None
-                if step % config.log_every_steps == 0 or is_last or skipped:
-                    logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    now = time.time()
-                    rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-                    last_log_time, last_log_step = now, step
-                    logged["images_per_sec"] = rate * run.global_batch_size
-                    logged["epoch"] = step / run.steps_per_epoch
-                    logged["skipped_updates"] = float(skipped_total)
-                    # All processes log at the same steps, so the collective is safe here.
-                    logged["skipped_files"] = float(
-                        np.sum(multihost_utils.process_allgather(np.int64(skips.skipped)))
-                    )
-                    logged.pop("stop_requested")
-                    writer.write_scalars(step, logged)
-                    history.append((step, logged["loss"]))
-                    eta = (run.total_steps - step) / max(rate, 1e-9) / 60
-                    logging.info(
-                        "%s step %d/%d | %s | %.0f images/s | ETA %.1f min%s",
-                        run.method,
-                        step,
-                        run.total_steps,
-                        task.log_line(logged),
-                        logged["images_per_sec"],
-                        eta,
-                        " | update skipped (non-finite)" if skipped else "",
-                    )
-
-                if consecutive >= guard.max_consecutive_skips:
-                    good = checkpointer.last_finite_step()
-                    if rollbacks >= guard.max_rollbacks or good is None:
-                        raise NonFiniteError(
-                            f"Step {step}: {consecutive} updates in a row were skipped for "
-                            f"non-finite values ({_non_finite_parts(logged or {})}) after "
-                            f"{rollbacks} rollback(s) (config.guard.max_rollbacks="
-                            f"{guard.max_rollbacks}). Last good checkpoint: "
-                            + (f"step {good} in {checkpointer.directory}" if good else "none")
-                            + ". Lower the learning rate, or check the data around these "
-                            "steps, then resume from that checkpoint with the same command."
-                        )
-                    rollbacks += 1
-                    # Go on from the last good state with the batches after the bad ones,
-                    # rather than replaying the batches that went bad.
-                    state, position = checkpointer.restore(good, abstract_state)
-                    data_offset = position.get("data_offset", 0) + (step - good)
-                    logging.warning(
-                        "Rollback %d/%d: %d non-finite steps in a row up to step %d; back to "
-                        "the checkpoint of step %d, skipping %d batches of data.",
-                        rollbacks,
-                        guard.max_rollbacks,
-                        consecutive,
-                        step,
-                        good,
-                        step - good,
-                    )
-                    step, consecutive, report_progress = good, 0, progress()
+                state, metrics = profile.step(step, train_step, state, batches)
+                skipped, stop_now = step_flags(metrics)
+                guard.record(skipped)
+                is_last = step == end_step or bool(stop_now)
+                logged = progress(step, metrics, skipped, is_last, guard.skipped_total, skips)
+                decision = guard.decide(checkpointer.last_finite_step)
+                if decision.action is Action.FAIL:
+                    raise guard.error(step, decision, logged or {}, checkpointer.directory)
+                if decision.action is Action.ROLL_BACK:
+                    state, data_offset = roll_back(checkpointer, layout[1], guard, decision, step)
+                    step = decision.good_step
+                    progress.restart(step)
                     batches, skips = open_stream(run, task, step + data_offset, stop)
                     continue
-
-                position = expected(step, data_offset)
-                if logged is not None:
-                    position["loss"] = logged["loss"]
+                position = data_position(run, step, data_offset, logged)
                 if stop_now:
                     preempted = step < end_step
-                    checkpointer.save(step, state, position, force=True)
+                    save(checkpointer, step, state, position, force=True)
                     break
                 # A skipped step's state equals the last one: no checkpoint of it, so a
                 # run of bad steps never pushes the good checkpoints out.
                 if not skipped or step == end_step:
-                    checkpointer.save(step, state, position, force=step == end_step)
-                if task.on_picture_step is not None and (
-                    step % config.image_every_steps == 0 or step == end_step
-                ):
-                    task.on_picture_step(step, state)
-                if periodic is not None and step % every == 0:
-                    for suffix, params in task.evaluated(state).items():
-                        periodic(step, params, suffix)
+                    save(checkpointer, step, state, position, force=step == end_step)
+                run_hooks(due_hooks(hooks, step, end_step), step, state, writer)
             checkpointer.wait()
-        except (jax.errors.JaxRuntimeError, ValueError) as error:
-            if multiprocess and _is_collective_failure(error):
-                raise LostProcessError(_lost_process_message(error)) from error
-            raise
-
-        # ------------------------------------------------------------ Evaluation
         results: dict[str, Any] = {
-            "history": history,
+            "history": progress.history,
             "complete": step == run.total_steps,
             "preempted": preempted,
             "step": step,
-            "skipped_updates": skipped_total,
-            "rollbacks": rollbacks,
+            "skipped_updates": guard.skipped_total,
+            "rollbacks": guard.rollbacks,
         }
-        if results["complete"] and config.eval.knn and task.embed is not None:
-            knn = protocols.make("knn", protocols.Context.for_training(config, mesh, task.embed))
-            for suffix, params in task.evaluated(state).items():
-                start = time.time()
-                top1 = knn(params)["knn_top1"]
-                results[f"knn_top1{suffix}"] = top1
-                writer.write_scalars(run.total_steps, {f"knn_top1{suffix}": top1})
-                logging.info(
-                    "k-NN%s (k=%d) top-1 %.4f in %.0f s",
-                    suffix,
-                    config.eval.knn_k,
-                    top1,
-                    time.time() - start,
-                )
-    checkpointer.close()
-    writer.flush()
-    if preempted:
-        logging.warning("Saved step %d; run the same command to resume.", step)
+        if results["complete"]:
+            results.update(run_hooks(end_hooks(hooks), step, state, writer))
+    finish(run, checkpointer, results)
     results["state"] = state
-    if is_chief and results["complete"]:
-        final = {k: v for k, v in results.items() if isinstance(v, float | int | bool)}
-        workdir_files.write_json(run.workdir, "results.json", final)
     return results
 
 

@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cmae_jax import config_validation
+from cmae_jax import config_validation, terminal
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
+    terminal.configure(FLAGS.verbosity >= 1 or config.get("log_orbax_info", False))
 
     import jax
 

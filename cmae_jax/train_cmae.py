@@ -18,7 +18,8 @@ import numpy as np
 import optax
 
 from cmae_jax import ema, loop, losses, optim, sharding, train_state, visualize, weights
-from cmae_jax.data import masking, pipeline
+from cmae_jax.data import masking, pipeline, train_data
+from cmae_jax.evaluation import hooks as evaluation_hooks
 from cmae_jax.evaluation import knn
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
@@ -237,7 +238,9 @@ def train_and_evaluate(
     would; a later call resumes from there. Returns cmae_jax.loop.train's results:
     'history', 'knn_top1' (when evaluated), 'complete', 'preempted', ...
     """
-    run = loop.set_up(config, workdir, method=config.method)
+    run = loop.set_up(
+        config, workdir, method=config.method, data=train_data.TrainData.from_config(config)
+    )
 
     # ---------------------------------------------------------------- Model and optimiser
     model, tx, lr_schedule, momentum = make_model_and_optimizer(
@@ -285,7 +288,7 @@ def train_and_evaluate(
         out_shardings=replicated,
     )
 
-    def write_pictures(step: int, state: train_state.TrainState) -> None:
+    def write_pictures(step: int, state: train_state.TrainState) -> dict[str, float]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         pred = np.asarray(reconstruct(variables, jax.device_put(picture_batch, replicated)))
         grid = visualize.reconstruction_grid(
@@ -303,6 +306,7 @@ def train_and_evaluate(
             visualize.write_png(
                 os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid
             )
+        return {}
 
     # ---------------------------------------------------------------- Loop
     batch_keys = ("online", "ids_keep", "ids_mask")
@@ -317,7 +321,8 @@ def train_and_evaluate(
             f"loss {m['loss']:.4f} (rec {m['reconstruction_loss']:.4f}, "
             f"con {m['contrastive_loss']:.4f})"
         ),
-        embed=knn.feature_fn(model),
-        on_picture_step=write_pictures,
     )
-    return loop.train(run, task, stop_at_step=stop_at_step)
+    hooks = evaluation_hooks.make_hooks(
+        config, run.mesh, knn.feature_fn(model), own={"reconstructions": write_pictures}
+    )
+    return loop.train(run, task, hooks=hooks, stop_at_step=stop_at_step)

@@ -61,6 +61,8 @@ from cmae_jax import (
     weights,
 )
 from cmae_jax import workdir as workdir_files
+from cmae_jax.data import train_data
+from cmae_jax.evaluation import hooks as evaluation_hooks
 from cmae_jax.evaluation import knn
 from cmae_jax.models import maect as maect_model
 
@@ -353,7 +355,9 @@ def train_stage(
     """
     stage = config.stages[STAGE_SECTIONS[stage_name]]
     config = stage_config(config, stage_name)
-    run = loop.set_up(config, workdir, method=config.method)
+    run = loop.set_up(
+        config, workdir, method=config.method, data=train_data.TrainData.from_config(config)
+    )
 
     # ---------------------------------------------------------------- Model and optimiser
     model, tx, schedules = make_model_and_optimizer(
@@ -393,14 +397,18 @@ def train_stage(
             f"loss {m['loss']:.4f} | NN acc {m['nn_accuracy']:.3f} | "
             f"queue {100 * m['queue_fill']:.0f}%"
         ),
-        embed=knn.feature_fn(model),
-        evaluated=lambda state: (
+    )
+    hooks = evaluation_hooks.make_hooks(
+        config,
+        run.mesh,
+        knn.feature_fn(model),
+        params_of=lambda state: (
             {"_raw": state.params, "_ema": {**state.params, "encoder": ema_encoder(state, stage)}}
             if keeps_encoder_ema(stage)
             else {"": state.params}
         ),
     )
-    results = loop.train(run, task, stop_at_step=stop_at_step)
+    results = loop.train(run, task, hooks=hooks, stop_at_step=stop_at_step)
     if not results["complete"]:
         return results
     if keeps_encoder_ema(stage) and "knn_top1_raw" in results:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
 
-from cmae_jax import checkpointing, loop, sharding, train_cmae, train_state
+from cmae_jax import checkpointing, guard, loop, sharding, train_cmae, train_state
 from cmae_jax import workdir as workdir_files
 
 # ---------------------------------------------------------------- The guard inside the step
@@ -64,6 +64,56 @@ def test_guard_counts_the_stop_request_of_any_process():
     )
     _, metrics = step(state, {"x": jnp.ones([4]), "stop_requested": jnp.array([0, 0, 1, 0])})
     assert int(metrics["stop_requested"]) == 1 and int(metrics["skipped_update"]) == 0
+
+
+# ---------------------------------------------------------------- The guard's decisions
+
+
+def decisions(flags, *, max_consecutive_skips=2, max_rollbacks=1, good=5):
+    """(guard, [action per step]) after feeding it one skipped flag per step."""
+    checker = guard.Guard(max_consecutive_skips, max_rollbacks)
+    actions = []
+    for skipped in flags:
+        checker.record(skipped)
+        actions.append(checker.decide(lambda: good).action)
+    return checker, actions
+
+
+def test_guard_goes_on_through_isolated_skips():
+    checker, actions = decisions([0, 1, 0, 1, 0, 0, 1])
+    assert actions == [guard.Action.GO_ON] * 7
+    assert checker.skipped_total == 3 and checker.consecutive == 1 and checker.rollbacks == 0
+
+
+def test_guard_rolls_back_after_a_run_of_skips_then_fails():
+    go, back, fail = guard.Action.GO_ON, guard.Action.ROLL_BACK, guard.Action.FAIL
+    checker, actions = decisions([1, 1, 0, 1, 1], max_consecutive_skips=2, max_rollbacks=1)
+    assert actions == [go, back, go, go, fail]
+    assert checker.rollbacks == 1 and checker.skipped_total == 4
+    # A rollback starts the count of skips in a row afresh; the failure keeps it.
+    assert checker.consecutive == 2
+
+
+def test_guard_asks_for_the_good_checkpoint_only_when_a_rollback_is_due():
+    checker = guard.Guard(max_consecutive_skips=3, max_rollbacks=2)
+    asked = []
+    for skipped in (1, 1, 0, 1, 1, 1):
+        checker.record(skipped)
+        decision = checker.decide(lambda: asked.append(True) or 7)
+    assert len(asked) == 1
+    assert decision == guard.Decision(guard.Action.ROLL_BACK, good_step=7, run_length=3)
+
+
+def test_guard_fails_without_a_good_checkpoint_and_says_so():
+    checker, actions = decisions([1], max_consecutive_skips=1, max_rollbacks=3, good=None)
+    assert actions == [guard.Action.FAIL]
+    decision = checker.decide(lambda: None)
+    error = checker.error(9, decision, {"loss": float("nan"), "grad_norm": 1.0}, "/w/checkpoints")
+    assert isinstance(error, FloatingPointError)
+    message = str(error)
+    assert message.startswith("Step 9: 1 updates in a row were skipped")
+    assert "(loss=nan)" in message and "Last good checkpoint: none." in message
+    assert "max_rollbacks=3" in message
 
 
 # ---------------------------------------------------------------- NaNs end to end
@@ -116,7 +166,7 @@ def test_endless_nans_stop_with_a_clear_message(small_fashion_mnist, tmp_path):
         max_consecutive_skips=2,
         max_rollbacks=1,
     )
-    with pytest.raises(loop.NonFiniteError) as error:
+    with pytest.raises(guard.NonFiniteError) as error:
         train_cmae.train_and_evaluate(config, str(tmp_path))
     message = str(error.value)
     assert "Step 5" in message and "reconstruction_loss=nan" in message

@@ -246,5 +246,8 @@ def test_command_line_end_to_end(small_fashion_mnist, tmp_path):
         "step_0000003.png",
     ]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    # A readable terminal: one line of ours per save, none of orbax's INFO lines.
+    assert "saved checkpoint step 3" in out.stderr
+    assert "checkpoint_manager.py" not in out.stderr and "atomicity.py" not in out.stderr
     with open(workdir / "config.json") as f:
         assert json.load(f)["input"]["image_size"] == 16

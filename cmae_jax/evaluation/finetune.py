@@ -35,7 +35,7 @@ import optax
 import tensorflow as tf
 
 from cmae_jax import loop, optim, param_groups, train_state
-from cmae_jax.data import pipeline, sources, views
+from cmae_jax.data import pipeline, sources, train_data, views
 from cmae_jax.evaluation import augment, features
 from cmae_jax.models import vit
 from cmae_jax.models.encoder_spec import EncoderSpec
@@ -210,7 +210,7 @@ def train_and_evaluate(
         config,
         os.path.join(workdir, "finetune"),
         method="finetune",
-        train_split=config.eval.train_split,
+        data=train_data.TrainData.from_config(config, config.eval.train_split),
         writer=writer,
     )
 

@@ -2,8 +2,8 @@
 
 `make(name, context)` builds a protocol once (jitted functions, sources); the result is
 called with the encoder parameters to evaluate, as often as wanted. The evaluation entry
-point (cmae_jax.evaluate) and the evaluations during and after training (cmae_jax.loop)
-both build their protocols here.
+point (cmae_jax.evaluate) and the evaluations during and after training (the loop's hooks,
+cmae_jax.evaluation.hooks) both build their protocols here.
 
 The frozen-feature protocols (knn, linear_probe, low_shot, clustering, pictures) share one
 extraction of the train and eval splits per parameters (Context.features).
@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from cmae_jax import sharding, visualize
 from cmae_jax.data import pipeline, sources
-from cmae_jax.evaluation import clustering, features, knn, linear_probe, low_shot
+from cmae_jax.evaluation import clustering, features, finetune, knn, linear_probe, low_shot
 
 Protocol = Callable[[Any], dict[str, Any]]
 Embed = Callable[[Any, jax.Array], dict[str, jax.Array]]
@@ -197,8 +197,6 @@ def _clustering(ctx: Context) -> Protocol:
 
 
 def _finetune(ctx: Context) -> Protocol:
-    from cmae_jax.evaluation import finetune
-
     def run(params: Any) -> dict[str, Any]:
         tuned = finetune.train_and_evaluate(ctx.config, ctx.workdir, params, writer=ctx.writer)
         return {"finetune_top1": tuned["top1"]}
@@ -231,29 +229,6 @@ def make(name: str, ctx: Context) -> Protocol:
     if name not in REGISTRY:
         raise ValueError(f"Unknown evaluation protocol {name!r}; known: {', '.join(NAMES)}.")
     return REGISTRY[name](ctx)
-
-
-def make_periodic(
-    config: ml_collections.ConfigDict,
-    mesh: Mesh,
-    embed: Embed,
-    writer: metric_writers.MetricWriter,
-) -> Callable[[int, Any, str], None]:
-    """(step, params, suffix) -> None: config.eval.periodic_protocols on
-    config.eval.knn_subset strided examples of each split, logged as <metric><suffix>_subset."""
-    ctx = Context.for_training(config, mesh, embed, subset=config.eval.knn_subset)
-    runs = {name: make(name, ctx) for name in config.eval.get("periodic_protocols", ("knn",))}
-
-    def evaluate(step: int, params: Any, suffix: str = "") -> None:
-        start = time.time()
-        metrics = {}
-        for run in runs.values():
-            metrics.update(run(params))
-        metrics = {f"{k}{suffix}_subset": v for k, v in metrics.items()}
-        writer.write_scalars(step, metrics)
-        logging.info("step %d | %s in %.0f s", step, metrics, time.time() - start)
-
-    return evaluate
 
 
 # -------------------------------------------------------------------- Pictures
