@@ -5,6 +5,9 @@ CMAE predictor:   MLPHead(1536, 256)                    256 -> 1536 -> BN -> ReL
 NNCLR projector:  MLPHead(2048, 256, num_layers=3, hidden_bias=False, last_bias=True,
                           last_bn=True)
 NNCLR predictor:  MLPHead(4096, 256, hidden_bias=False, last_bias=True)
+MoCo v3 projector: MLPHead(4096, 256, num_layers=3, hidden_bias=False, last_bn=True,
+                           last_bn_affine=False)
+MoCo v3 predictor: MLPHead(4096, 256, hidden_bias=False, last_bn=True, last_bn_affine=False)
 """
 
 from __future__ import annotations
@@ -40,14 +43,20 @@ class MLPHead(nn.Module):
     hidden_bias: bool = True
     last_bias: bool = False
     last_bn: bool = False
+    # False: the last BatchNorm only normalises (no scale, no bias), as MoCo v3's heads.
+    last_bn_affine: bool = True
     dtype: Dtype = jnp.float32
     # Logical name of the input features ('embed' after an encoder, 'proj' after a
     # projector), so that the first kernel is split over fsdp like the encoder's.
     in_axis: str | None = None
 
-    def _batch_norm(self, train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
+    def _batch_norm(
+        self, train: bool, axis_name: str | None, name: str, affine: bool = True
+    ) -> nn.BatchNorm:
         return nn.BatchNorm(
             use_running_average=not train,
+            use_scale=affine,
+            use_bias=affine,
             momentum=BN_MOMENTUM,
             epsilon=BN_EPS,
             dtype=self.dtype,
@@ -79,5 +88,5 @@ class MLPHead(nn.Module):
             x
         )
         if self.last_bn:
-            x = self._batch_norm(train, "proj", f"bn_{last}")(x)
+            x = self._batch_norm(train, "proj", f"bn_{last}", self.last_bn_affine)(x)
         return nn.with_logical_constraint(x, ("batch", None))
