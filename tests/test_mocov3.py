@@ -165,7 +165,10 @@ def test_weight_decay_on_every_parameter_when_asked():
 def three_steps():
     """The jitted step run three times on random views from a fresh state."""
     config = tiny_config("unused")
-    model, tx, schedules = mocov3.make_model_and_optimizer(config, 10, 30)
+    # A low momentum rising fast and a large lr: each step's EMA visibly depends on m(k).
+    config.ema.momentum = 0.5
+    config.optimizer.base_lr = 1e-2
+    model, tx, schedules = mocov3.make_model_and_optimizer(config, 10, 4)
     state = nn.meta.unbox(mocov3.make_init_state(model, tx, config)(jax.random.key(0)))
     step = jax.jit(mocov3.make_train_step(model, config, tx, schedules))
     rng = np.random.default_rng(0)
