@@ -118,3 +118,16 @@ def get(name: str) -> Method:
     if method.name != name:
         raise ValueError(f"{REGISTRY[name]}.METHOD is named {method.name!r}, registered {name!r}.")
     return method
+
+
+def step_for(config: Any) -> Step:
+    """The step that trains `config`: its method's only step, or, for a staged method, the
+    stage whose config it is (the stage's config names its stage: config.stage)."""
+    steps = get(config.method).steps(config)
+    if len(steps) != 1:
+        raise ValueError(
+            f"config.method={config.method!r} trains {len(steps)} steps ({', '.join(steps)}); "
+            "pass the config of one stage (its `steps` entry)."
+        )
+    ((step, _),) = steps.values()
+    return step
