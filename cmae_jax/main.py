@@ -77,18 +77,17 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     logging.info("Config:\n%s", config)
 
-    from cmae_jax import evaluate, loop, train_cmae, train_maect
+    from cmae_jax import evaluate, loop, methods
 
-    # MAE-CT prints its k-NN line after each of its stages and returns per-stage results;
-    # 'eval' (configs/eval/) evaluates the encoder of config.init by config.protocols.
-    trainers = {
-        "cmae": train_cmae.train_and_evaluate,
-        "mae": train_cmae.train_and_evaluate,
-        "maect": train_maect.train_and_evaluate,
-        "eval": evaluate.evaluate,
-    }
+    # The method's trainer (cmae_jax.methods; MAE-CT prints its k-NN line after each of its
+    # stages and returns per-stage results), or the evaluation entry point (configs/eval/:
+    # the encoder of config.init by config.protocols).
+    if config.method == config_validation.EVAL:
+        run = evaluate.evaluate
+    else:
+        run = methods.get(config.method).train
     try:
-        results = trainers[config.method](config, FLAGS.workdir)
+        results = run(config, FLAGS.workdir)
     except loop.StartError as e:
         print(f"Start error: {e}", file=sys.stderr)
         sys.exit(2)
