@@ -25,12 +25,11 @@ Departures from the ImageNet recipe (configs/mocov3_vitb.py), all for size and t
 """
 
 from cmae_jax.config_defaults import fashion_mnist_config
-from cmae_jax.methods import mocov3
 
 
 def get_config():
     """Fashion-MNIST MoCo v3 config."""
-    config = mocov3.apply_recipe(fashion_mnist_config("mocov3"))
+    config = fashion_mnist_config("mocov3")
     config.mocov3.projector_hidden = 512
     config.mocov3.predictor_hidden = 512
     config.mocov3.projection_dim = 128

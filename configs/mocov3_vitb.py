@@ -22,12 +22,14 @@ predictor 2 layers (4096 hidden), no biases, BatchNorm after every layer (the la
 affine); cls-token representation; frozen random patch projection; AdamW (0.9, 0.999),
 lr 1.5e-4 * 4096 / 256, weight decay 0.1 on every parameter, 40 warmup epochs then
 cosine. The departures (encoder initialisation details) are listed in
-cmae_jax/methods/mocov3.py.
+cmae_jax/methods/mocov3.py (its `set_defaults` holds the recipe).
 """
 
-from cmae_jax.methods import mocov3
+from cmae_jax.config_defaults import base_config, set_variant
 
 
 def get_config():
     """The MoCo v3 ViT-B/16 ImageNet config."""
-    return mocov3.default_config("B/16")
+    config = base_config("mocov3")
+    set_variant(config, "B/16")
+    return config

@@ -3,7 +3,11 @@ formula, the heads' structure, the frozen patch projection, the momentum branch 
 step, and a tiny run through the loop that resumes exactly."""
 
 import importlib.util
+import json
 import os
+import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -13,7 +17,10 @@ import numpy as np
 import pytest
 from test_train import REPO, assert_trees_equal, restore_raw
 
-from cmae_jax import ema, optim
+from cmae_jax import config_validation, ema, methods, optim
+from cmae_jax.config_checks import ConfigError
+from cmae_jax.config_defaults import base_config
+from cmae_jax.data import pipeline, sources
 from cmae_jax.methods import mocov3
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import mocov3 as mocov3_model
@@ -238,7 +245,8 @@ def test_step_loss_pairs_online_queries_with_the_other_views_keys(three_steps):
 
 def test_config_checks_name_the_key():
     config = tiny_config("unused")
-    mocov3.validate(config)
+    checks = methods.Checks(num_devices=1)
+    mocov3.validate(config, checks)
     for key, value, message in [
         ("input.views", None, "config.input.views=None"),
         ("grad_accumulation_steps", 2, "config.grad_accumulation_steps=2"),
@@ -249,20 +257,20 @@ def test_config_checks_name_the_key():
         broken = config.copy_and_resolve_references()
         section, name = key.split(".") if "." in key else (None, key)
         (broken[section] if section else broken)[name] = value
-        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-            mocov3.validate(broken)
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            mocov3.validate(broken, checks)
 
 
 def test_shipped_configs_are_the_recipe():
     vitb = load_config("mocov3_vitb.py")
-    mocov3.validate(vitb)
+    config_validation.validate(vitb, num_devices=1, check_data=False)
     assert vitb.model.variant == "B/16" and vitb.num_epochs == 300
     assert vitb.input.global_batch_size == 4096
     assert optim.peak_learning_rate(vitb.optimizer, 4096) == pytest.approx(1.5e-4 * 16)
     assert (vitb.loss.temperature, vitb.ema.momentum, vitb.ema.schedule) == (0.2, 0.99, "cosine")
     assert vitb.optimizer.weight_decay == 0.1 and vitb.optimizer.warmup_epochs == 40
     demo = load_config("fashion_mnist_mocov3.py")
-    mocov3.validate(demo)
+    config_validation.validate(demo, num_devices=1, check_data=False)
     assert demo.input.channels == 1 and demo.input.view_augment.blur_prob == (0.0, 0.0)
     # ViT-B: about 2.5x the FLOPs per image of CMAE (cmae_jax.aot counts 112 GFLOPs).
     assert 270e9 < mocov3.flops_per_example(vitb) < 290e9
@@ -309,3 +317,69 @@ def test_a_few_steps_lower_the_loss(small_fashion_mnist, tmp_path):
     history = [loss for _, loss in mocov3.train_and_evaluate(config, str(tmp_path))["history"]]
     assert len(history) == 30 and all(np.isfinite(history))
     assert np.mean(history[-5:]) < np.mean(history[:5])
+
+
+# ---------------------------------------------------------------------- As a registered method
+
+
+def test_the_registry_finds_it_and_base_config_takes_its_defaults():
+    assert methods.get("mocov3") is mocov3.METHOD
+    config = base_config("mocov3")
+    assert config.input.views == "two_crops_aug" and config.ema.schedule == "cosine"
+    assert config.optimizer.decay_all_params and config.mocov3.frozen_patch_projection
+    config_validation.validate(config, num_devices=1, check_data=False)
+
+
+def test_pipeline_yields_the_declared_columns(small_fashion_mnist):
+    config = tiny_config(small_fashion_mnist)
+    source = sources.make_source(config.dataset, config.dataset.train_split)
+    batch = next(pipeline.train_dataset(config, source, start_step=0).as_numpy_iterator())
+    for column, spec in mocov3.batch_spec(config).items():
+        assert batch[column].shape == (32, *spec.shape) and batch[column].dtype == spec.dtype
+    # Two different views of the same images.
+    assert not np.allclose(batch["view1"], batch["view2"])
+
+
+def test_random_batch_runs_through_the_built_step():
+    config = tiny_config("unused")
+    parts = mocov3.STEP.build(config, 10, 30)
+    state = nn.meta.unbox(parts.init_state(jax.random.key(0)))
+    batch = mocov3.random_batch(config)
+    assert {k: v.shape[1:] for k, v in batch.items()} == {
+        k: v.shape for k, v in mocov3.batch_spec(config).items()
+    }
+    state, metrics = jax.jit(parts.make_update(None))(state, batch)
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def test_command_line_end_to_end(small_fashion_mnist, tmp_path):
+    workdir = tmp_path / "run"
+    overrides = {
+        "total_steps": 3,
+        "dataset.idx_dir": small_fashion_mnist,
+        "input.global_batch_size": 32,
+        "input.image_size": 16,
+        "model.width": 32,
+        "model.depth": 1,
+        "model.num_heads": 2,
+        "mocov3.projector_hidden": 64,
+        "mocov3.predictor_hidden": 64,
+        "mocov3.projection_dim": 32,
+        "eval.batch_size": 64,
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "cmae_jax.main",
+        "--config=configs/fashion_mnist_mocov3.py",
+        f"--workdir={workdir}",
+    ] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    match = re.fullmatch(r"k-NN top-1: (\d+\.\d\d)%", out.stdout.strip().splitlines()[-1])
+    assert match, out.stdout[-500:]
+    with open(workdir / "results.json") as f:
+        assert f"{100 * json.load(f)['knn_top1']:.2f}" == match.group(1)
+    with open(workdir / "config.json") as f:
+        assert json.load(f)["method"] == "mocov3"
+    assert (workdir / "checkpoints" / "3").is_dir()

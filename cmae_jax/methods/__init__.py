@@ -56,6 +56,7 @@ REGISTRY: dict[str, str] = {
     "cmae": "cmae_jax.methods.cmae",
     "mae": "cmae_jax.methods.mae",
     "maect": "cmae_jax.methods.maect",
+    "mocov3": "cmae_jax.methods.mocov3",
 }
 
 

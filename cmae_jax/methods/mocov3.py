@@ -37,9 +37,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from cmae_jax import aot, config_defaults, ema, loop, losses, optim, param_groups, train_state
+from cmae_jax import ema, flops, loop, losses, methods, optim, param_groups, train_state
+from cmae_jax.config_checks import ConfigError, require
 from cmae_jax.evaluation import knn
 from cmae_jax.models import mocov3 as mocov3_model
 
@@ -62,10 +64,9 @@ BYOL_VIEW_AUGMENT = dict(
 # -------------------------------------------------------------------- Config
 
 
-def apply_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Turns a base config (config_defaults) into MoCo v3's recipe: SPEC and the official
-    ViT-B command of CONFIG.md, except the encoder, data and batch, which stay the config's."""
-    config.method = "mocov3"
+def set_defaults(config: ml_collections.ConfigDict) -> None:
+    """MoCo v3's keys (SPEC; the official ViT-B command of CONFIG.md) on base_config's
+    defaults; the encoder, data and batch stay the config's (configs/mocov3_vitb.py)."""
     config.input.views = "two_crops_aug"
     config.input.crop_scale = (0.08, 1.0)
     config.input.view_augment = ml_collections.ConfigDict(BYOL_VIEW_AUGMENT)
@@ -90,69 +91,52 @@ def apply_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     config.num_epochs = 300
     # The representation MoCo v3 trains and its linear probe reads.
     config.eval.feature = "cls"
-    return config
 
 
-def default_config(variant: str = "B/16") -> ml_collections.ConfigDict:
-    """The MoCo v3 ImageNet recipe with the encoder `variant` (batch 4096, 224 px)."""
-    config = config_defaults.base_config("mocov3")
-    config_defaults.set_variant(config, variant)
-    return apply_recipe(config)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the key and the fix for a config this method cannot run."""
+def validate(config: ml_collections.ConfigDict, checks: methods.Checks) -> None:
+    """MoCo v3's keys: two-crop views, the loss, the momentum, the heads; no accumulation."""
+    del checks  # nothing here reads files
     views = config.input.get("views")
-    if views not in TWO_CROP_VIEWS:
-        raise ValueError(
-            f"config.input.views={views!r}: MoCo v3 trains on two views of every image; use "
-            "'two_crops_aug' (BYOL's views, the recipe) or 'two_crops' (crop and flip only)."
-        )
-    if int(config.get("grad_accumulation_steps", 1) or 1) != 1:
-        raise ValueError(
-            f"config.grad_accumulation_steps={config.grad_accumulation_steps}: MoCo v3's "
-            "negatives are the whole global batch, so it has no gradient accumulation; use 1 "
-            "and a global batch that fits."
-        )
-    if config.get("init_from"):
-        raise ValueError(
-            f"config.init_from={config.init_from!r}: MoCo v3 trains from random weights "
-            "(resuming a run needs no init_from); use ''."
-        )
-    if not config.loss.temperature > 0:
-        raise ValueError(f"config.loss.temperature={config.loss.temperature} must be > 0.")
-    if not 0.0 <= config.ema.momentum <= 1.0:
-        raise ValueError(f"config.ema.momentum={config.ema.momentum} must be in [0, 1].")
-    ema.momentum_schedule(config.ema.momentum, 1, config.ema.schedule)  # names a bad schedule
-    for key in ("projector_hidden", "predictor_hidden", "projection_dim"):
-        if int(config.mocov3[key]) < 1:
-            raise ValueError(f"config.mocov3.{key}={config.mocov3[key]} must be >= 1.")
-    mocov3_model.build_model(config.model, config.input, config.mocov3)
-
-
-def flops_per_example(config: ml_collections.ConfigDict) -> float:
-    """Analytic FLOPs of one example's share of a step, as cmae_jax.aot counts them.
-
-    Two whole views pass the online encoder, projector and predictor (3x: forward and
-    backward; a frozen patch projection forward only) and the momentum encoder and
-    projector (forward only); each view's query meets the global batch's keys (3x).
-    """
-    model = mocov3_model.build_model(config.model, config.input, config.mocov3)
-    grid = config.input.image_size // model.patch_size
-    tokens = grid * grid + 1
-    channels = config.input.channels
-    dim = model.projection_dim
-    encoder = aot.encoder_flops(model, tokens, channels)
-    embedding = 2 * (tokens - 1) * model.patch_size**2 * channels * model.width
-    projector = aot.mlp_head_flops(
-        [model.width, model.projector_hidden, model.projector_hidden, dim]
+    require(
+        views in TWO_CROP_VIEWS,
+        f"config.input.views={views!r}: MoCo v3 trains on two views of every image; use "
+        "'two_crops_aug' (BYOL's views, the recipe) or 'two_crops' (crop and flip only).",
     )
-    predictor = aot.mlp_head_flops([dim, model.predictor_hidden, dim])
-    frozen = embedding if config.mocov3.frozen_patch_projection else 0.0
-    trained = encoder - frozen + projector + predictor
-    trained += 2 * config.input.global_batch_size * dim  # one logits row per view
-    momentum = encoder + projector
-    return float(2 * (3 * trained + frozen + momentum))
+    low, high = config.input.crop_scale
+    require(
+        0.0 < low <= high <= 1.0,
+        f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy "
+        "0 < low <= high <= 1, e.g. (0.08, 1.0).",
+    )
+    accumulation = int(config.get("grad_accumulation_steps", 1) or 1)
+    require(
+        accumulation == 1,
+        f"config.grad_accumulation_steps={accumulation}: MoCo v3's negatives are the whole "
+        "global batch, so it has no gradient accumulation; use 1 and a batch that fits.",
+    )
+    require(
+        not config.get("init_from"),
+        f"config.init_from={config.get('init_from')!r}: MoCo v3 trains from random weights "
+        "(resuming a run needs no init_from); use ''.",
+    )
+    require(
+        config.loss.temperature > 0,
+        f"config.loss.temperature={config.loss.temperature} must be > 0 (MoCo v3: 0.2).",
+    )
+    require(
+        0.0 <= config.ema.momentum <= 1.0,
+        f"config.ema.momentum={config.ema.momentum} must lie in [0, 1] (MoCo v3: 0.99).",
+    )
+    for key in ("projector_hidden", "predictor_hidden", "projection_dim"):
+        require(
+            int(config.mocov3[key]) >= 1,
+            f"config.mocov3.{key}={config.mocov3[key]} must be >= 1.",
+        )
+    try:
+        ema.momentum_schedule(config.ema.momentum, 1, config.ema.schedule)
+        mocov3_model.build_model(config.model, config.input, config.mocov3)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # -------------------------------------------------------------------- Model and optimiser
@@ -315,3 +299,87 @@ def train_and_evaluate(
     """
     run = loop.set_up(config, workdir, method=config.method)
     return loop.train(run, make_task(config, run), stop_at_step=stop_at_step)
+
+
+# -------------------------------------------------------------------- The registry entry
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """One example's columns: two views, label, index."""
+    inp = config.input
+    image = jax.ShapeDtypeStruct((inp.image_size, inp.image_size, inp.channels), jnp.float32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return {"view1": image, "view2": image, "label": scalar, "index": scalar}
+
+
+def views(config: ml_collections.ConfigDict) -> Any:
+    """Two crops of the whole image, BYOL-augmented (example_views.two_crop_views)."""
+    # TF-free: example_views imports TensorFlow; only the input pipeline calls this.
+    from cmae_jax.data import example_views
+
+    return example_views.two_crop_views(config)
+
+
+def build(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> methods.StepParts:
+    """Model, initial state and update step as the trainer builds them."""
+    model, tx, schedules = make_model_and_optimizer(config, steps_per_epoch, total_steps)
+    update = make_train_step(model, config, tx, schedules)
+    return methods.StepParts(
+        model, make_init_state(model, tx, config), lambda state_shardings: update
+    )
+
+
+def flops_per_example(config: ml_collections.ConfigDict) -> float:
+    """Analytic FLOPs of one example's share of a step, as the other methods count them.
+
+    Two whole views pass the online encoder, projector and predictor (3x: forward and
+    backward; a frozen patch projection forward only) and the momentum encoder and
+    projector (forward only); each view's query meets the global batch's keys (3x).
+    """
+    model = mocov3_model.build_model(config.model, config.input, config.mocov3)
+    grid = config.input.image_size // model.patch_size
+    tokens = grid * grid + 1
+    channels = config.input.channels
+    dim = model.projection_dim
+    encoder = flops.encoder_flops(model, tokens, channels)
+    embedding = flops.encoder_flops(model, tokens, channels, depth=0)
+    projector = flops.mlp_head_flops(
+        [model.width, model.projector_hidden, model.projector_hidden, dim]
+    )
+    predictor = flops.mlp_head_flops([dim, model.predictor_hidden, dim])
+    frozen = embedding if config.mocov3.frozen_patch_projection else 0.0
+    trained = encoder - frozen + projector + predictor
+    trained += 2 * config.input.global_batch_size * dim  # one logits row per view
+    momentum = encoder + projector
+    return float(2 * (3 * trained + frozen + momentum))
+
+
+def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
+    """A global batch of batch_spec's columns at random (normal images)."""
+    inp = config.input
+    rng = np.random.default_rng(seed)
+    shape = (inp.global_batch_size, inp.image_size, inp.image_size, inp.channels)
+    return {
+        "label": rng.integers(0, 10, shape[0]).astype(np.int32),
+        "index": np.arange(shape[0], dtype=np.int32),
+        **{view: rng.normal(size=shape).astype(np.float32) for view in VIEWS},
+    }
+
+
+STEP = methods.Step(
+    batch_spec=batch_spec,
+    views=views,
+    build=build,
+    flops_per_example=flops_per_example,
+    random_batch=random_batch,
+)
+
+METHOD = methods.Method(
+    name="mocov3",
+    defaults=set_defaults,
+    validate=validate,
+    steps=lambda config: {"": (STEP, config)},
+    train=train_and_evaluate,
+)
