@@ -5,6 +5,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# First: TensorFlow (which training needs for its input pipeline) is imported through
+# cmae_jax.data, which hides the accelerators and matplotlib from it.
+import cmae_jax.data  # noqa: F401
 from cmae_jax import config_validation
 
 FLAGS = flags.FLAGS
@@ -50,7 +53,6 @@ def main(argv: list[str]) -> None:
 
     import jax
 
-    import cmae_jax.data  # noqa: F401  (hides the accelerators from TensorFlow, first)
     from cmae_jax import compilation_cache, sharding
 
     # Before anything asks JAX for devices: afterwards the backend is fixed to this process.
