@@ -7,6 +7,7 @@ exists in every config and `--config.key=value` overrides work uniformly.
 import ml_collections
 
 from cmae_jax import methods
+from cmae_jax.models import vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -439,8 +440,6 @@ def maect_config(
     top-level keys stay stage 1's (the MAE trainer reads them), config.stages.head / .tune
     hold stage 2 (NNCLR head on the frozen encoder) and stage 3 (contrastive tuning).
     """
-    from cmae_jax.models import vit
-
     sizes = dict(MAECT_SIZES[size], head_lr=1e-4)
     if aug:
         sizes.update(MAECT_AUG_SIZES[size])

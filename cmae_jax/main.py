@@ -2,10 +2,14 @@
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cmae_jax import config_validation
+# First of the package: TensorFlow (which training needs for its input pipeline) is
+# imported through cmae_jax.data, which hides the accelerators and matplotlib from it.
+import cmae_jax.data  # noqa: F401
+from cmae_jax import compilation_cache, config_validation, evaluate, loop, methods, sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -48,11 +52,6 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
 
-    import jax
-
-    import cmae_jax.data  # noqa: F401  (hides the accelerators from TensorFlow, first)
-    from cmae_jax import compilation_cache, sharding
-
     # Before anything asks JAX for devices: afterwards the backend is fixed to this process.
     try:
         local_ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
@@ -76,8 +75,6 @@ def main(argv: list[str]) -> None:
         print(f"Config error: {e}", file=sys.stderr)
         sys.exit(2)
     logging.info("Config:\n%s", config)
-
-    from cmae_jax import evaluate, loop, methods
 
     # The method's trainer (cmae_jax.methods; MAE-CT prints its k-NN line after each of its
     # stages and returns per-stage results), or the evaluation entry point (configs/eval/:
