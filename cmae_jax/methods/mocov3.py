@@ -25,6 +25,9 @@ Where we depart from the official code (all small):
     fused [d, 3d] matrix (MoCo v3 treats q, k, v separately) and the cls token with std
     0.02 (MoCo v3: 1e-6); its 2-D sin-cos table orders the row and column halves the
     other way round (a fixed channel permutation, the same function class);
+  * the heads' Linear layers start xavier-uniform (the project's MLPHead); the official
+    heads keep torch.nn.Linear's default init (VisionTransformerMoCo re-initialises its
+    Linears before MoCo_ViT builds the heads);
   * BatchNorm running averages are updated with the biased batch variance (flax);
   * float32 or bfloat16 compute (config.model.dtype) instead of torch.cuda.amp.
 """
