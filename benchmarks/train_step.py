@@ -6,16 +6,16 @@ r"""Train-step benchmark: the trainers' own jitted update step, images/s, FLOPs 
     python benchmarks/train_step.py --config=configs/maect_vitb.py --stage=3_tune --batch=8
     python benchmarks/train_step.py --config=configs/cmae_vitl.py --batch=128 --dtype=bfloat16
 
-For the config (MAE, CMAE, or one MAE-CT stage) on the current backend it builds the step
-exactly as the trainer does (cmae_jax.train_cmae / train_maect builders: model, AdamW, EMA
-target, shardings, donation) and prints:
+For the config (each step of its method, cmae_jax.methods: CMAE's or MAE's one step, each
+MAE-CT stage) on the current backend it builds the step exactly as the trainer does (the
+method's own builders: model, AdamW, EMA target, shardings, donation) and prints:
 
 - compile time and memory: the compiled program's (arguments + outputs - donated +
   temporaries) and the peak the devices report (GPU/TPU) or the process's peak RSS (CPU);
 - images/s of the step on one batch kept on the devices (--input=random), the median of
   --rounds rounds of --steps steps after --warmup steps;
-- the analytic model FLOPs per image (cmae_jax.aot's count: matmuls and attention,
-  forward + backward) and MFU = FLOPs/image x images/s / peak. The peak: on CPU a matmul
+- the analytic model FLOPs per image (the method's flops_per_example: matmuls and
+  attention, forward + backward) and MFU = FLOPs/image x images/s / peak. The peak: on CPU a matmul
   of the compute dtype measured in the same run on the same cores (so MFU is "of what
   XLA's matmul reaches here"); on GPU/TPU the chip's bf16 dense peak (--peak_tflops
   overrides);
@@ -26,7 +26,9 @@ target, shardings, donation) and prints:
   decoder sizes, mask ratio, norm-pix loss, AdamW) on the same batch size, its rounds
   alternating with ours so that machine noise hits both, and the ratio ours / theirs.
 
-One process; with --json_out every number is also written as JSON.
+One process; with --json_out every number is also written as JSON. --input=random runs
+where TensorFlow is not installed (the step, the models and the methods do not import it);
+--input=pipeline and --input=synthetic run the tf.data input pipeline, which needs it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -49,11 +54,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-# (cmae_jax.aot imports cmae_jax.data, which hides the accelerators from TensorFlow.)
-from cmae_jax import aot  # noqa: E402  (after the repository is on the path)
+# After the repository is on the path:
+from cmae_jax import aot, config_validation, loop, methods, sharding, train_state  # noqa: E402
+from cmae_jax.models import encoder_spec  # noqa: E402
 
 FLAGS = flags.FLAGS
-STAGES = ("1_mae", "2_head", "3_tune")
 # Schedules only set lr / EMA values inside the step; any lengths compile the same program.
 STEPS_PER_EPOCH, TOTAL_STEPS = 1000, 100_000
 
@@ -95,7 +100,9 @@ def define_flags() -> None:
         "pipeline; synthetic: that pipeline on generated images (no reads, no decoding).",
     )
     flags.DEFINE_string("synthetic_size", "375x500", "HxW of the generated images.")
-    flags.DEFINE_enum("stage", None, list(STAGES), "MAE-CT: the stage (default: all three).")
+    flags.DEFINE_string(
+        "stage", None, "A staged method's stage, e.g. MAE-CT's 3_tune (default: every stage)."
+    )
     flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU (0: automatic).")
     flags.DEFINE_string("json_out", None, "Also write the results as JSON to this file.")
     flags.mark_flags_as_required(["config"])
@@ -117,24 +124,22 @@ def apply_overrides(config: Any, batch: int, dtype: str | None) -> Any:
     return config
 
 
-def stage_setup(config: Any, stage: str | None) -> tuple[Any, Any]:
-    """(the config the step trains with, its MAE-CT stage section or None)."""
-    from cmae_jax import train_maect
-
-    if stage is None or stage == "1_mae":
-        return (config if stage is None else train_maect.stage_config(config, stage)), None
-    section = config.stages[train_maect.STAGE_SECTIONS[stage]]
-    return train_maect.stage_config(config, stage), section
+def stage_setup(config: Any, stage: str | None) -> tuple[methods.Step, Any]:
+    """(the step, the config it trains with) of `stage` of the config's method (None: the
+    method's only step)."""
+    steps = methods.get(config.method).steps(config)
+    if (stage or "") not in steps:
+        raise app.UsageError(
+            f"--stage={stage} is not a step of config.method={config.method!r}; its steps: "
+            f"{', '.join(repr(name) for name in steps)}."
+        )
+    return steps[stage or ""]
 
 
 def flops_per_image(config: Any, stage: str | None = None) -> float:
-    """The analytic model FLOPs of one step per example (cmae_jax.aot's count)."""
-    step_config, section = stage_setup(config, stage)
-    if section is None:
-        flops = aot.model_flops_per_step(step_config)
-    else:
-        flops = aot.maect_flops_per_step(step_config, section)
-    return flops / step_config.input.global_batch_size
+    """The analytic model FLOPs of one step per example (the method's flops_per_example)."""
+    step, step_config = stage_setup(config, stage)
+    return step.flops_per_example(step_config)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -142,62 +147,18 @@ def flops_per_image(config: Any, stage: str | None = None) -> float:
 
 def build_step(config: Any, stage: str | None, mesh: Any, rules: Any) -> tuple[Any, Any]:
     """(jitted step, initial sharded state), built with the trainer's own functions."""
-    import jax
-
-    from cmae_jax import loop, train_cmae, train_maect, train_state
-
-    step_config, section = stage_setup(config, stage)
+    step, step_config = stage_setup(config, stage)
+    parts = step.build(step_config, STEPS_PER_EPOCH, TOTAL_STEPS)
     rng = jax.random.key(step_config.seed)
-    if section is None:
-        model, tx, lr, momentum = train_cmae.make_model_and_optimizer(
-            step_config, STEPS_PER_EPOCH, TOTAL_STEPS
-        )
-        init = train_cmae.make_init_state(model, tx, step_config)
-        state, shardings, _ = train_state.create_sharded_state(init, rng, mesh, rules)
-        step = train_cmae.jit_train_step(model, step_config, tx, lr, momentum, shardings, mesh)
-        return step, state
-    model, tx, schedules = train_maect.make_model_and_optimizer(
-        step_config, section, STEPS_PER_EPOCH, TOTAL_STEPS
-    )
-    init = train_maect.make_init_state(model, tx, step_config, section)
-    state, shardings, _ = train_state.create_sharded_state(init, rng, mesh, rules)
+    state, shardings, _ = train_state.create_sharded_state(parts.init_state, rng, mesh, rules)
     # As the training loop jits it (guard included).
-    step = loop.jit_step(
-        train_maect.make_train_step(model, step_config, stage, section, tx, schedules),
-        shardings,
-        mesh,
-    )
-    return step, state
+    return loop.jit_step(parts.make_update(shardings), shardings, mesh), state
 
 
-def random_batch(config: Any, seed: int = 0) -> dict[str, np.ndarray]:
+def random_batch(config: Any, stage: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """A batch of the arrays the input pipeline feeds the step, filled at random."""
-    from cmae_jax.data import masking
-
-    inp = config.input
-    rng = np.random.default_rng(seed)
-    b, size, channels = inp.global_batch_size, inp.image_size, inp.channels
-
-    def images():
-        return rng.normal(size=(b, size, size, channels)).astype(np.float32)
-
-    batch = {
-        "label": rng.integers(0, 10, b).astype(np.int32),
-        "index": np.arange(b, dtype=np.int32),
-    }
-    if inp.get("views") in ("two_crops", "two_crops_aug"):
-        return {**batch, "view1": images(), "view2": images()}
-    grid = size // inp.patch_size
-    keep, _ = masking.mask_counts(grid, inp)
-    order = np.argsort(rng.random((b, grid * grid)), axis=1).astype(np.int32)
-    batch.update(
-        online=images(),
-        ids_keep=np.sort(order[:, :keep], axis=1),
-        ids_mask=np.sort(order[:, keep:], axis=1),
-    )
-    if inp.target_view:
-        batch["target"] = images()
-    return batch
+    step, step_config = stage_setup(config, stage)
+    return step.random_batch(step_config, seed)
 
 
 def compiled_memory_bytes(compiled: Any) -> int:
@@ -258,9 +219,6 @@ def cpu_name() -> str:
 def measured_matmul_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of an n x n x n matmul in `dtype` under jit on this backend: the best of
     `repeats` runs (fastest = least disturbed by other load)."""
-    import jax
-    import jax.numpy as jnp
-
     x = jnp.ones((n, n), dtype)
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()
@@ -303,8 +261,11 @@ def peak_memory_bytes(device: Any) -> tuple[int, str]:
 
 
 def check_hf_comparable(config: Any) -> None:
-    """Refuses --vs=hf for a step HF's ViTMAE does not compute (before anything compiles)."""
-    mae = config.method == "mae" and config.loss.contrastive_weight == 0
+    """Refuses --vs=hf for a step HF's ViTMAE does not compute (before anything compiles):
+    HF's is a masked step without a target view or contrastive loss, masked at random."""
+    columns = methods.step_for(config).batch_spec(config)
+    masked_only = "ids_mask" in columns and "target" not in columns
+    mae = masked_only and config.loss.contrastive_weight == 0
     if not mae or config.input.mask_type != "random":
         raise app.UsageError(
             "--vs=hf compares plain MAE (HF ViTMAE has random masking and no contrastive "
@@ -315,6 +276,7 @@ def check_hf_comparable(config: Any) -> None:
 def torch_matmul_flops(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of PyTorch's own n x n x n CPU matmul (best of `repeats`): what its BLAS
     reaches here, beside XLA's in measured_matmul_flops."""
+    # Optional dependency (the test extra): imported only for --vs=hf.
     import torch
 
     x = torch.ones(n, n, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -330,10 +292,9 @@ def torch_matmul_flops(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
 def hf_vitmae_runner(config: Any) -> tuple[Runner, dict[str, Any]]:
     """HF ViTMAEForPreTraining with our encoder/decoder sizes, mask ratio, norm-pix loss and
     AdamW (betas 0.9/0.95, wd 0.05) on a fixed random batch, in PyTorch on the CPU."""
+    # Optional dependencies (the test extra): imported only for --vs=hf.
     import torch
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-    from cmae_jax.models import encoder_spec
 
     check_hf_comparable(config)
     ours = encoder_spec.EncoderSpec.from_config(config.model, config.input)
@@ -391,6 +352,7 @@ def hf_vitmae_runner(config: Any) -> tuple[Runner, dict[str, Any]]:
 
 def input_source(config: Any, kind: str) -> Any:
     """The config's training source, or generated images of --synthetic_size."""
+    # TF-free: the data sources import TensorFlow, which only --input=pipeline/synthetic need.
     from cmae_jax.data import sources
 
     if kind == "pipeline":
@@ -402,6 +364,8 @@ def input_source(config: Any, kind: str) -> Any:
 
 def pipeline_batches(config: Any, source: Any) -> Iterator[dict[str, np.ndarray]]:
     """The trainer's numpy batches ('corrupt' removed, as pipeline.SkipCounter does)."""
+    # TF-free: the input pipeline imports TensorFlow, which only --input=pipeline/synthetic
+    # need.
     from cmae_jax.data import pipeline
 
     batches = pipeline.train_dataset(config, source, start_step=0).as_numpy_iterator()
@@ -423,13 +387,7 @@ def time_pipeline(batches: Iterator[Any], num_batches: int) -> float:
 
 def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
     """Compiles and times the step of `config` (MAE-CT: of `stage`); returns the figures."""
-    import flax.linen as nn
-    import jax
-
-    from cmae_jax import sharding
-    from cmae_jax.models import encoder_spec
-
-    step_config, _ = stage_setup(config, stage)
+    _, step_config = stage_setup(config, stage)
     batch_size = step_config.input.global_batch_size
     mesh = sharding.make_mesh(step_config.mesh)
     rules = sharding.logical_axis_rules(step_config.logical_axis_rules)
@@ -439,7 +397,7 @@ def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "config": config_flags.get_config_filename(FLAGS["config"]),
         "stage": stage,
-        "method": step_config.method if stage in (None, "1_mae") else "maect",
+        "method": step_config.method,
         "variant": step_config.model.variant,
         "global_batch": batch_size,
         "dtype": dtype,
@@ -463,7 +421,7 @@ def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
     # The pipeline (when measured) supplies the first batch, so that the step compiles for
     # exactly its arrays; the timed steps reuse that batch on the devices.
     if FLAGS.input == "random":
-        local = random_batch(step_config)
+        local = random_batch(config, stage)
     else:
         source = input_source(step_config, FLAGS.input)
         batches = pipeline_batches(step_config, source)
@@ -565,20 +523,30 @@ def main(argv: list[str]) -> None:
     """Benchmarks the step of the config (each MAE-CT stage in turn) and prints the figures."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from cmae_jax import config_validation
-
     config = apply_overrides(FLAGS.config, FLAGS.batch, FLAGS.dtype)
-    if config.method == "maect":
-        stages = [FLAGS.stage] if FLAGS.stage else list(STAGES)
-    elif FLAGS.stage:
-        raise app.UsageError(f"--stage is for MAE-CT configs; this one is {config.method!r}.")
+    if FLAGS.input != "random":
+        try:
+            # TF-free: only the input pipeline needs TensorFlow; importing cmae_jax.data
+            # first also hides the accelerators from it.
+            import cmae_jax.data  # noqa: F401
+        except ImportError as e:
+            raise app.UsageError(
+                f"--input={FLAGS.input} runs the tf.data input pipeline, which needs "
+                f"TensorFlow ({e}); use --input=random or install tensorflow."
+            ) from None
+    if config.method not in methods.names():
+        raise app.UsageError(
+            f"config.method={config.method!r} is not a method with a train step; the methods: "
+            f"{', '.join(methods.names())}."
+        )
+    if FLAGS.stage:
+        stage_setup(config, FLAGS.stage)  # refuses an unknown stage
+        stages = [FLAGS.stage]
     else:
-        stages = [None]
+        stages = [name or None for name in methods.get(config.method).steps(config)]
     if FLAGS.vs == "hf":
         for stage in stages:
-            check_hf_comparable(stage_setup(config, stage)[0])
-    import jax
-
+            check_hf_comparable(stage_setup(config, stage)[1])
     try:
         config_validation.validate(config, num_devices=jax.device_count(), check_data=False)
     except (ValueError, config_validation.ConfigError) as e:

@@ -1,12 +1,14 @@
-r"""Compile the real CMAE/MAE train step ahead of time for a TPU topology, without TPUs.
+r"""Compile a method's real train step ahead of time for a TPU topology, without TPUs.
 
     python -m cmae_jax.aot --config=configs/cmae_vitl.py --topology=v5e-64 \
         --config.model.dtype=bfloat16 --config.mesh.data=1 --config.mesh.fsdp=-1
 
 libtpu (the optional extra `pip install -e .[tpu-aot]`) compiles for compile-only TPU
 devices from `jax.experimental.topologies`; this runs on any x86-64 Linux machine. For each
-topology the command prints what the compiler reports for the step exactly as the trainer
-jits it (same model, optimiser, EMA target, shardings and donation):
+topology the command prints what the compiler reports for each step of the config's method
+(cmae_jax.methods: CMAE's or MAE's one step, MAE-CT's three stages) exactly as the trainer
+jits it (same model, optimiser, EMA target, shardings and donation; the abstract batch is
+the step's batch_spec):
 
 - per-chip memory (arguments + outputs - donated + temporaries + program) against the HBM;
 - FLOPs per step: the compiler's count (remat recomputation included) and the model's
@@ -19,6 +21,8 @@ jits it (same model, optimiser, EMA target, shardings and donation):
 Topologies: Cloud TPU names (v4-32, v5e-64, v5p-128, v6e-256; v4/v5p count TensorCores,
 two per chip, v5e/v6e count chips) or raw libtpu names (v5e:8x8, v4:2x2x4, v5p:4x4x4).
 Several, comma-separated, compile one after another and end with a Markdown table.
+
+TensorFlow-free: it builds the step from the method registry, never the input pipeline.
 """
 
 import dataclasses
@@ -32,10 +36,14 @@ import sys
 import time
 from typing import Any
 
+import flax.linen as nn
+import jax
 from absl import app, flags, logging
+from jax.experimental import topologies
 from ml_collections import config_flags
 
-from cmae_jax import config_validation
+from cmae_jax import config_validation, loop, methods, sharding, train_state
+from cmae_jax.models import encoder_spec
 
 FLAGS = flags.FLAGS
 
@@ -107,8 +115,6 @@ def parse_topology(name: str) -> tuple[Chip, str, int]:
 
 def tpu_devices(chip: Chip, topology: str) -> list[Any]:
     """Compile-only devices of a TPU slice, from libtpu (no TPU needed)."""
-    from jax.experimental import topologies
-
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError(
             "libtpu is not installed: `pip install -e .[tpu-aot]` (about 140 MB) adds it."
@@ -126,101 +132,12 @@ def tpu_devices(chip: Chip, topology: str) -> list[Any]:
     return list(desc.devices)
 
 
-def transformer_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
-    """Forward FLOPs of `depth` pre-norm blocks on one sequence of `tokens` tokens.
-
-    Per token: qkv (3 w^2), output projection (w^2) and the two MLP matmuls (2 w mlp),
-    2 FLOPs per multiply-add; per block the attention scores and their weighted sum
-    (2 x tokens^2 x w each). Norms, softmax and GELU are left out.
-    """
-    per_token = 2 * (4 * width * width + 2 * width * mlp)
-    attention = 2 * 2 * tokens * tokens * width
-    return float(depth * (tokens * per_token + attention))
-
-
-def encoder_flops(spec: Any, tokens: int, channels: int, depth: int | None = None) -> float:
-    """Forward FLOPs of the ViT encoder `spec` (an EncoderSpec) on cls + tokens - 1
-    patches of `channels`-channel images: patch embedding and `depth` blocks (default all)."""
-    embed = 2 * (tokens - 1) * spec.patch_size * spec.patch_size * channels * spec.width
-    depth = spec.depth if depth is None else depth
-    return embed + transformer_flops(tokens, spec.width, depth, spec.mlp_dim)
-
-
-def mlp_head_flops(widths: list[int]) -> float:
-    """Forward FLOPs of one example through Linear layers of the given widths (in, ..., out)."""
-    return float(sum(2 * a * b for a, b in itertools.pairwise(widths)))
-
-
 def model_flops_per_step(config: Any) -> float:
-    """Analytic FLOPs of one CMAE/MAE step: matmuls and attention, forward + backward.
-
-    Trained parts count 3x their forward (backward = 2x forward); the EMA target branch
-    runs forward only. No rematerialisation: this is the 'model FLOPs' of MFU.
-    """
-    from cmae_jax.data import masking
-    from cmae_jax.models import cmae as cmae_model
-
-    model = cmae_model.build_model(
-        config.model, config.input, contrastive=config.loss.contrastive_weight > 0
-    )
-    spec = model.encoder_spec
-    grid = config.input.image_size // spec.patch_size
-    patches = grid * grid
-    keep, _ = masking.mask_counts(grid, config.input)
-    pixel = spec.patch_size * spec.patch_size * spec.channels
-
-    def decoder(out_dim, depth):
-        dw = model.pixel_decoder_width
-        embed = 2 * (keep + 1) * spec.width * dw
-        blocks = transformer_flops(patches + 1, dw, depth, 4 * dw)
-        return embed + blocks + 2 * (patches + 1) * dw * out_dim
-
-    def head(d_in):
-        return mlp_head_flops([d_in, model.projector_hidden, model.projection_dim])
-
-    trained = encoder_flops(spec, keep + 1, spec.channels)
-    trained += decoder(pixel, model.pixel_decoder_depth)
-    target = 0.0
-    batch = config.input.global_batch_size
-    if model.contrastive:
-        trained += decoder(spec.width, model.feature_decoder_depth)
-        trained += head(spec.width) + head(model.projection_dim)
-        target = encoder_flops(spec, patches + 1, spec.channels) + head(spec.width)
-        trained += 2 * batch * model.projection_dim  # the InfoNCE logits row of one query
-    return float(batch * (3 * trained + target))
-
-
-def maect_flops_per_step(config: Any, stage: Any) -> float:
-    """Analytic FLOPs of one step of MAE-CT stage 2 or 3, as model_flops_per_step counts.
-
-    `config` is the stage's config (train_maect.stage_config), `stage` its section of
-    config.stages. Per example, two whole views pass the encoder, projector and predictor;
-    the frozen part of the encoder (all of it in stage 2; patch embedding and the first
-    `frozen_blocks` blocks in stage 3) runs forward only, everything else 3x. The EMA
-    projector, the top-k lookup in the queue (query x queue) run forward only; the two
-    NNCLR logits rows (neighbour x batch) count 3x.
-    """
-    from cmae_jax.models import maect as maect_model
-
-    model = maect_model.build_model(config.model, config.input, config.maect)
-    spec = model.encoder_spec
-    grid = config.input.image_size // spec.patch_size
-    tokens = grid * grid + 1
-    batch = config.input.global_batch_size
-    dim = model.projection_dim
-    channels = config.input.channels
-    if stage.freeze_encoder:
-        frozen, trained = encoder_flops(spec, tokens, channels), 0.0
-    else:
-        frozen = encoder_flops(spec, tokens, channels, depth=stage.frozen_blocks)
-        trained = encoder_flops(spec, tokens, channels) - frozen
-    projector = mlp_head_flops([spec.width, model.projector_hidden, model.projector_hidden, dim])
-    predictor = mlp_head_flops([dim, model.predictor_hidden, dim])
-    trained += projector + predictor + 2 * batch * dim  # one logits row per view
-    forward_only = frozen + 2 * config.maect.queue_size * dim
-    if stage.ema_momentum > 0:
-        forward_only += projector
-    return float(2 * batch * (3 * trained + forward_only))
+    """Analytic FLOPs of one update step of `config` (a single-step method's config or a
+    stage's): its method's flops_per_example x the global batch (matmuls and attention,
+    forward + backward, no rematerialisation: the 'model FLOPs' of MFU)."""
+    step = methods.step_for(config)
+    return config.input.global_batch_size * step.flops_per_example(config)
 
 
 def estimated_cycles(hlo_text: str) -> int:
@@ -265,20 +182,25 @@ def estimated_cycles(hlo_text: str) -> int:
     return total(entry)
 
 
-def compile_for_topology(config: Any, topology: str, num_train_examples: int) -> dict[str, Any]:
-    """Compiles the trainer's jitted step for `topology`; returns what the compiler reports."""
-    import flax.linen as nn
-    import jax
-    import numpy as np
+def abstract_batch(step: methods.Step, config: Any, batch_sharding: Any) -> dict[str, Any]:
+    """The global batch the step is fed, as abstract arrays: its batch_spec, batch rows."""
+    rows = config.input.global_batch_size
+    return {
+        name: jax.ShapeDtypeStruct((rows, *spec.shape), spec.dtype, sharding=batch_sharding)
+        for name, spec in step.batch_spec(config).items()
+    }
 
-    from cmae_jax import sharding, train_cmae, train_state
-    from cmae_jax.data import masking
-    from cmae_jax.models import encoder_spec
 
+def compile_for_topology(
+    config: Any, topology: str, num_train_examples: int, stage: str = ""
+) -> dict[str, Any]:
+    """Compiles the trainer's jitted step (of `stage`, for a staged method) for `topology`;
+    returns what the compiler reports."""
     chip, libtpu_name, num_chips = parse_topology(topology)
     # The program is for TPUs, whatever this host's backend: 'auto' means bfloat16 there.
     config = config.copy_and_resolve_references()
     config.model.dtype = encoder_spec.resolve_dtype(config.model.dtype, "tpu")
+    step, config = methods.get(config.method).steps(config)[stage]
     devices = tpu_devices(chip, libtpu_name)
     start = time.time()
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -286,31 +208,11 @@ def compile_for_topology(config: Any, topology: str, num_train_examples: int) ->
     batch = config.input.global_batch_size
     steps_per_epoch = max(num_train_examples // batch, 1)
     total_steps = config.total_steps or config.num_epochs * steps_per_epoch
-    model, tx, lr, momentum = train_cmae.make_model_and_optimizer(
-        config, steps_per_epoch, total_steps
-    )
-    init = train_cmae.make_init_state(model, tx, config)
+    parts = step.build(config, steps_per_epoch, total_steps)
     shardings, abstract_state = train_state.abstract_sharded_state(
-        init, jax.random.key(config.seed), mesh, rules
+        parts.init_state, jax.random.key(config.seed), mesh, rules
     )
-    size, channels = config.input.image_size, config.input.channels
-    keep, masked = masking.mask_counts(size // config.input.patch_size, config.input)
-    batch_sharding = sharding.batch_sharding(mesh)
-
-    def spec(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-
-    # Exactly the arrays the input pipeline feeds the step.
-    abstract_batch = {
-        "online": spec((batch, size, size, channels), np.float32),
-        "ids_keep": spec((batch, keep), np.int32),
-        "ids_mask": spec((batch, masked), np.int32),
-        "label": spec((batch,), np.int32),
-        "index": spec((batch,), np.int32),
-    }
-    if config.input.target_view:
-        abstract_batch["target"] = spec((batch, size, size, channels), np.float32)
-    step = train_cmae.jit_train_step(model, config, tx, lr, momentum, shardings, mesh)
+    jitted = loop.jit_step(parts.make_update(shardings), shardings, mesh)
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     model_flops = model_flops_per_step(config)
     result = {
@@ -321,6 +223,7 @@ def compile_for_topology(config: Any, topology: str, num_train_examples: int) ->
         "devices": len(devices),
         "variant": config.model.variant,
         "method": config.method,
+        "stage": stage,
         "global_batch": batch,
         "dtype": config.model.dtype,
         "remat": str(config.model.get("remat", "none")),
@@ -331,8 +234,9 @@ def compile_for_topology(config: Any, topology: str, num_train_examples: int) ->
         "hbm_gib": chip.hbm_gib,
         "model_tflops_per_step": model_flops / 1e12,
     }
+    batch_spec = abstract_batch(step, config, sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        lowered = step.lower(abstract_state, abstract_batch)
+        lowered = jitted.lower(abstract_state, batch_spec)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -385,8 +289,9 @@ def describe(r: dict[str, Any]) -> str:
     """A few readable lines about one compiled topology."""
     mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
     parts = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in r["memory_parts_gib"].items())
+    stage = f" stage {r['stage']}" if r.get("stage") else ""
     lines = [
-        f"{r['method'].upper()} {r['variant']} ({r['params_m']:.1f}M params), global batch "
+        f"{r['method'].upper()}{stage} {r['variant']} ({r['params_m']:.1f}M params), global batch "
         f"{r['global_batch']}, {r['dtype']}, remat {r['remat']}, scan {r['scan_layers']}, "
         f"accumulation {r['grad_accumulation_steps']}",
         f"  topology {r['topology']} ({r['libtpu_topology']}): {r['chips']} x {r['chip']}, "
@@ -420,8 +325,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     )
     rows = []
     for r in results:
+        stage = f" {r['stage']}" if r.get("stage") else ""
         start = (
-            f"| {r['method'].upper()} {r['variant']} | {r['topology']} | "
+            f"| {r['method'].upper()}{stage} {r['variant']} | {r['topology']} | "
             f"{', '.join(str(v) for v in r['mesh'].values())} | {r['remat']} | "
         )
         if "step_ms" not in r:
@@ -443,22 +349,23 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
-    if config.method not in ("cmae", "mae"):
-        print(f"cmae_jax.aot compiles the CMAE/MAE step, not method={config.method!r}.")
+    if config.method not in methods.names():
+        print(f"cmae_jax.aot compiles a method's train step, not method={config.method!r}.")
         sys.exit(2)
-    topologies = [t.strip() for t in FLAGS.topology.split(",") if t.strip()]
+    names = [t.strip() for t in FLAGS.topology.split(",") if t.strip()]
     try:
-        for topology in topologies:
+        for topology in names:
             _, _, chips = parse_topology(topology)
             # The same checks as a real run on this many chips (the data is not needed).
             config_validation.validate(config, num_devices=chips, check_data=False)
     except (ValueError, config_validation.ConfigError) as e:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(2)
+    stages = list(methods.get(config.method).steps(config))
     results = []
-    for topology in topologies:
+    for topology, stage in itertools.product(names, stages):
         try:
-            result = compile_for_topology(config, topology, FLAGS.num_train_examples)
+            result = compile_for_topology(config, topology, FLAGS.num_train_examples, stage)
         except RuntimeError as e:
             if "libtpu" in str(e) or "TPU support not installed" in str(e):
                 print(f"Cannot compile for TPU here: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Default CMAE/MAE config: every key the trainers read, with the SPEC's numbers.
+"""Default configs: every key the trainers read, with the SPEC's numbers.
 
 The files in configs/ start from `base_config()` and override what differs, so a key
 exists in every config and `--config.key=value` overrides work uniformly.
@@ -6,14 +6,18 @@ exists in every config and `--config.key=value` overrides work uniformly.
 
 import ml_collections
 
+from cmae_jax import methods
+from cmae_jax.models import vit
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
-    """The CMAE ViT-B/16 ImageNet recipe of SPEC.md; method='mae' gives plain MAE."""
+    """The ViT-B/16 ImageNet recipe of SPEC.md for a registered method (cmae_jax.methods):
+    the shared keys here, then the method's own defaults (its module's `defaults`)."""
     config = ml_collections.ConfigDict()
-    config.method = method  # 'cmae' or 'mae' (MAE = CMAE without the target branch).
+    config.method = method  # a name of cmae_jax.methods.REGISTRY, e.g. 'cmae' or 'mae'.
     config.seed = 0
     # Start pretraining from a checkpoint instead of random weights (a fresh optimiser): a
     # run of this project or a published one (a .pth / .bin / .safetensors file or an HF
@@ -49,7 +53,7 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.input.shift = 31
     config.input.master_size = 0
     config.input.flip = True
-    config.input.target_view = method == "cmae"
+    config.input.target_view = False  # the method's defaults decide (CMAE: True)
     config.input.color_jitter = ml_collections.ConfigDict(
         dict(prob=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
     )
@@ -58,9 +62,10 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.input.blur_sigma = (0.1, 2.0)
     config.input.mean = IMAGENET_MEAN
     config.input.std = IMAGENET_STD
-    # CMAE's official masking: 2x2-patch cells, 35% of cells kept. MAE: random 0.75.
-    config.input.mask_type = "block" if method == "cmae" else "random"
-    config.input.mask_ratio = 0.65 if method == "cmae" else 0.75
+    # Set by the method's defaults: CMAE's official masking, 2x2-patch cells, 35% of the
+    # cells kept; MAE: random 0.75.
+    config.input.mask_type = "random"
+    config.input.mask_ratio = 0.75
     config.input.mask_block = 2
     config.input.shuffle = True
     # Evaluation views: resize the shorter side to image_size / fraction, centre crop.
@@ -93,7 +98,7 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
 
     config.loss = ml_collections.ConfigDict()
     config.loss.norm_pix = True
-    config.loss.contrastive_weight = 1.0 if method == "cmae" else 0.0
+    config.loss.contrastive_weight = 0.0  # the method's defaults decide (CMAE: 1.0)
     config.loss.temperature = 0.07
 
     config.ema = ml_collections.ConfigDict()
@@ -192,6 +197,7 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
         type="reconstructions", every_steps=config.get_ref("image_every_steps"), at_stop=True
     )
 
+    methods.get(method).defaults(config)
     return config
 
 
@@ -453,8 +459,6 @@ def maect_config(
     top-level keys stay stage 1's (the MAE trainer reads them), config.stages.head / .tune
     hold stage 2 (NNCLR head on the frozen encoder) and stage 3 (contrastive tuning).
     """
-    from cmae_jax.models import vit
-
     sizes = dict(MAECT_SIZES[size], head_lr=1e-4)
     if aug:
         sizes.update(MAECT_AUG_SIZES[size])

@@ -2,10 +2,22 @@
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cmae_jax import config_validation, terminal
+# First of the package: TensorFlow (which training needs for its input pipeline) is
+# imported through cmae_jax.data, which hides the accelerators and matplotlib from it.
+import cmae_jax.data  # noqa: F401
+from cmae_jax import (
+    compilation_cache,
+    config_validation,
+    evaluate,
+    loop,
+    methods,
+    sharding,
+    terminal,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -49,11 +61,6 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     terminal.configure(FLAGS.verbosity >= 1 or config.get("log_orbax_info", False))
 
-    import jax
-
-    import cmae_jax.data  # noqa: F401  (hides the accelerators from TensorFlow, first)
-    from cmae_jax import compilation_cache, sharding
-
     # Before anything asks JAX for devices: afterwards the backend is fixed to this process.
     try:
         local_ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
@@ -78,18 +85,15 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     logging.info("Config:\n%s", config)
 
-    from cmae_jax import evaluate, loop, train_cmae, train_maect
-
-    # MAE-CT prints its k-NN line after each of its stages and returns per-stage results;
-    # 'eval' (configs/eval/) evaluates the encoder of config.init by config.protocols.
-    trainers = {
-        "cmae": train_cmae.train_and_evaluate,
-        "mae": train_cmae.train_and_evaluate,
-        "maect": train_maect.train_and_evaluate,
-        "eval": evaluate.evaluate,
-    }
+    # The method's trainer (cmae_jax.methods; MAE-CT prints its k-NN line after each of its
+    # stages and returns per-stage results), or the evaluation entry point (configs/eval/:
+    # the encoder of config.init by config.protocols).
+    if config.method == config_validation.EVAL:
+        run = evaluate.evaluate
+    else:
+        run = methods.get(config.method).train
     try:
-        results = trainers[config.method](config, FLAGS.workdir)
+        results = run(config, FLAGS.workdir)
     except loop.StartError as e:
         print(f"Start error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -54,7 +54,8 @@ def learning_rate_schedule(
 def adamw(
     opt_cfg: ml_collections.ConfigDict, learning_rate: optax.Schedule
 ) -> optax.GradientTransformation:
-    """AdamW as MAE: betas from the config, decay masked to kernels, optional clipping."""
+    """AdamW as MAE: betas from the config, decay masked to kernels (every parameter with
+    opt_cfg.decay_all_params, as torch.optim.AdamW on model.parameters()), optional clipping."""
     parts = []
     if opt_cfg.get("grad_clip_norm"):
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
@@ -65,7 +66,7 @@ def adamw(
             b2=opt_cfg.b2,
             eps=1e-8,
             weight_decay=opt_cfg.weight_decay,
-            mask=weight_decay_mask,
+            mask=None if opt_cfg.get("decay_all_params", False) else weight_decay_mask,
         )
     )
     return optax.chain(*parts)

@@ -131,7 +131,7 @@ def test_compiles_the_train_step_for_a_v5e_slice(tmp_path):
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from test_train import tiny_config
 
-    from cmae_jax import train_cmae
+    from cmae_jax.methods import cmae as train_cmae
 
     config = tiny_config("/unused")
     model, tx, _, _ = train_cmae.make_model_and_optimizer(config, 16, 6)

@@ -9,9 +9,10 @@ import sys
 import jax
 import pytest
 
-from cmae_jax import config_validation, ema, train_cmae
+from cmae_jax import config_validation, ema
 from cmae_jax.config_defaults import base_config, fashion_mnist_config, set_variant
 from cmae_jax.config_validation import ConfigError
+from cmae_jax.methods import cmae as train_cmae
 from cmae_jax.models import vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -29,6 +29,7 @@ def make_config(
     seed=0,
 ):
     config = ml_collections.ConfigDict()
+    config.method = "cmae"  # the masked views (cmae_jax.methods)
     config.seed = seed
     config.dataset = ml_collections.ConfigDict(
         dict(

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from test_train import REPO, restore_raw, tiny_config
 
-from cmae_jax import config_validation, train_cmae
+from cmae_jax import config_validation
 from cmae_jax.config_defaults import eval_config
 from cmae_jax.evaluation import features
+from cmae_jax.methods import cmae as train_cmae
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
 
-from cmae_jax import checkpointing, guard, loop, sharding, train_cmae, train_state
+from cmae_jax import checkpointing, guard, loop, sharding, train_state
 from cmae_jax import workdir as workdir_files
+from cmae_jax.methods import cmae as train_cmae
 
 # ---------------------------------------------------------------- The guard inside the step
 

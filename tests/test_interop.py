@@ -579,7 +579,7 @@ def test_config_validation_accepts_published_paths(layouts):
 def test_maect_stage_starts_from_official_weights(layouts):
     """train_maect.load_pretrained (stage 2 from mae_pretrain_*.pth; stage 3 from a MAE-CT
     stage with its NNCLR head)."""
-    from cmae_jax import train_maect
+    from cmae_jax.methods import maect as train_maect
     from cmae_jax.models.maect import MAECT
 
     paths, _ = layouts

@@ -16,10 +16,11 @@ from flax import serialization
 from test_sharding import stack_blocks
 from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
 
-from cmae_jax import config_validation, ema, nnclr, param_groups, train_maect, weights
+from cmae_jax import config_validation, ema, nnclr, param_groups, weights
 from cmae_jax import workdir as workdir_files
 from cmae_jax.config_defaults import maect_config
 from cmae_jax.data import pipeline, sources
+from cmae_jax.methods import maect as train_maect
 from cmae_jax.models import maect as maect_model
 from cmae_jax.models.encoder_spec import EncoderSpec
 

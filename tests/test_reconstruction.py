@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from test_train import tiny_config
 
-from cmae_jax import checkpointing, progress_log, reconstruction, sharding, train_cmae, weights
+from cmae_jax import checkpointing, progress_log, reconstruction, sharding, weights
 from cmae_jax.data import pipeline
 from cmae_jax.evaluation import features
+from cmae_jax.methods import cmae as train_cmae
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_progress_log_keeps_own_info_and_all_warnings():
     absl_logger = logging.getLogger("absl")
     filters = [f for f in absl_logger.filters if isinstance(f, progress_log.OwnInfoFilter)]
     assert len(filters) == 1
-    own = os.path.join(os.path.dirname(progress_log.__file__), "train_cmae.py")
+    own = os.path.join(os.path.dirname(progress_log.__file__), "methods", "cmae.py")
     record = lambda level, path: logging.LogRecord("absl", level, path, 1, "m", None, None)
     assert filters[0].filter(record(logging.INFO, own))
     assert not filters[0].filter(record(logging.INFO, "/site-packages/orbax/checkpoint/x.py"))

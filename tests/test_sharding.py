@@ -74,7 +74,8 @@ class MeshRun:
     def __init__(self, config, sizes, devices, host_state, batches):
         import flax.linen as nn
 
-        from cmae_jax import ema, losses, train_cmae, train_state
+        from cmae_jax import ema, losses, train_state
+        from cmae_jax.methods import cmae as train_cmae
 
         self.sizes = sizes
         mesh_cfg = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, sizes)))
@@ -171,7 +172,8 @@ def worker(out_dir: str) -> None:
     """Runs in the 8-device subprocess: the reference on one device, then every mesh."""
     import flax.linen as nn
 
-    from cmae_jax import ema, train_cmae, train_state
+    from cmae_jax import ema, train_state
+    from cmae_jax.methods import cmae as train_cmae
 
     assert jax.device_count() == 8, jax.devices()
     config = synthetic_config()

@@ -169,7 +169,7 @@ def test_the_training_path_imports_no_matplotlib():
     # Keras (imported by TensorFlow) would import pyplot, whose first import on a machine
     # builds the font cache; the trainers plot nothing with it.
     script = (
-        "import sys; import cmae_jax.main, cmae_jax.train_cmae, cmae_jax.train_maect; "
+        "import sys; import cmae_jax.main, cmae_jax.methods.cmae, cmae_jax.methods.maect; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
     )
     out = subprocess.run(

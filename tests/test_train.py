@@ -10,8 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmae_jax import train_cmae
 from cmae_jax.config_defaults import fashion_mnist_config
+from cmae_jax.methods import cmae as train_cmae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,7 +143,7 @@ import jax
 assert jax.device_count() == 8, jax.devices()
 import numpy as np
 from test_train import flat_arrays, restore_raw, tiny_config
-from cmae_jax import train_cmae
+from cmae_jax.methods import cmae as train_cmae
 config = tiny_config({idx!r})
 config.mesh.data = 8
 results = train_cmae.train_and_evaluate(config, {workdir!r})

@@ -19,56 +19,10 @@ from typing import Any
 
 import tensorflow as tf
 
-MASK_TYPES = ("random", "block")
+from cmae_jax import mask_sizes
+from cmae_jax.mask_sizes import mask_counts
 
-
-def _num_keep(total: int, mask_ratio: float, what: str) -> int:
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(
-            f"config.input.mask_ratio must lie in (0, 1), got {mask_ratio}; it is the fraction "
-            "of patches (block masking: of cells) that is masked, e.g. 0.75."
-        )
-    keep = int(total * (1.0 - mask_ratio))
-    if keep < 1 or keep >= total:
-        raise ValueError(
-            f"config.input.mask_ratio={mask_ratio} keeps {keep} of {total} {what}; at least one "
-            "must be visible and one masked. Fix: choose a ratio nearer 0.5 or a larger grid."
-        )
-    return keep
-
-
-def _grid_hw(grid: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(grid, int):
-        return grid, grid
-    grid_h, grid_w = grid
-    return int(grid_h), int(grid_w)
-
-
-def _check_block(grid_h: int, grid_w: int, block: int) -> None:
-    if block < 1 or grid_h % block or grid_w % block:
-        raise ValueError(
-            f"config.input.mask_block={block} must divide the patch grid {grid_h}x{grid_w} "
-            "(image_size / patch_size). Fix: change mask_block, image_size or patch_size."
-        )
-
-
-def mask_counts(grid: int | tuple[int, int], input_cfg: Any) -> tuple[int, int]:
-    """Returns (K visible, M masked) patch counts for a patch grid under `config.input`."""
-    grid_h, grid_w = _grid_hw(grid)
-    mask_type = input_cfg.mask_type
-    num_patches = grid_h * grid_w
-    if mask_type == "random":
-        keep = _num_keep(num_patches, input_cfg.mask_ratio, "patches")
-    elif mask_type == "block":
-        block = input_cfg.get("mask_block", 2)
-        _check_block(grid_h, grid_w, block)
-        num_cells = (grid_h // block) * (grid_w // block)
-        keep = _num_keep(num_cells, input_cfg.mask_ratio, "cells") * block * block
-    else:
-        raise ValueError(
-            f"Unknown config.input.mask_type {mask_type!r}; allowed values: {list(MASK_TYPES)}"
-        )
-    return keep, num_patches - keep
+__all__ = ["block_mask", "mask_counts", "random_mask", "sample_mask"]
 
 
 def _split_kept(kept: tf.Tensor, num_keep: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -83,7 +37,7 @@ def random_mask(
     seed: tf.Tensor, num_patches: int, mask_ratio: float
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """MAE random masking: keep int(N * (1 - ratio)) patches chosen by uniform noise."""
-    num_keep = _num_keep(num_patches, mask_ratio, "patches")
+    num_keep = mask_sizes.num_keep(num_patches, mask_ratio, "patches")
     noise = tf.random.stateless_uniform([num_patches], seed=seed)
     ids_shuffle = tf.argsort(noise)
     kept = tf.scatter_nd(ids_shuffle[:num_keep, None], tf.ones([num_keep], tf.bool), [num_patches])
@@ -94,10 +48,10 @@ def block_mask(
     seed: tf.Tensor, grid_h: int, grid_w: int, block: int, mask_ratio: float
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """CMAE block masking: keep int(C * (1 - ratio)) whole block x block cells at random."""
-    _check_block(grid_h, grid_w, block)
+    mask_sizes.check_block(grid_h, grid_w, block)
     cells_h, cells_w = grid_h // block, grid_w // block
     num_cells = cells_h * cells_w
-    keep_cells = _num_keep(num_cells, mask_ratio, "cells")
+    keep_cells = mask_sizes.num_keep(num_cells, mask_ratio, "cells")
     noise = tf.random.stateless_uniform([num_cells], seed=seed)
     cell_kept = tf.scatter_nd(
         tf.argsort(noise)[:keep_cells, None], tf.ones([keep_cells], tf.bool), [num_cells]
@@ -113,7 +67,7 @@ def sample_mask(
     seed: tf.Tensor, grid: int | tuple[int, int], input_cfg: Any
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Draws the mask selected by `config.input.mask_type` for one example."""
-    grid_h, grid_w = _grid_hw(grid)
+    grid_h, grid_w = mask_sizes.grid_hw(grid)
     mask_counts((grid_h, grid_w), input_cfg)  # validates type, ratio and block
     if input_cfg.mask_type == "random":
         return random_mask(seed, grid_h * grid_w, input_cfg.mask_ratio)

@@ -34,12 +34,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from cmae_jax.data import masking, views
+from cmae_jax import methods
+from cmae_jax.data import example_views, views
+from cmae_jax.data.example_views import normalize
 from cmae_jax.data.sources import Source
 
 # Sub-seed tags: shuffling and augmentation draw from separate streams of config.seed.
 _SHUFFLE, _AUGMENT = 0, 1
-_VIEWS, _MASK = 0, 1
 
 # A corrupt example is replaced by the first readable of the next SUBSTITUTE_TRIES - 1
 # indices (wrapping around); if none is, by a black image.
@@ -49,18 +50,6 @@ SUBSTITUTE_TRIES = 8
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Training steps in one epoch; the last num_examples % global_batch_size are dropped."""
     return num_examples // global_batch_size
-
-
-def normalize(images: Any, mean: Any, std: Any) -> Any:
-    """(images - mean) / std per channel; works on TF tensors, numpy and JAX arrays.
-
-    Grey images with three means and stds come out with three channels, the grey value
-    repeated (broadcasting), as torchvision's Grayscale(3) before Normalize: how grey
-    data (Fashion-MNIST) meets an encoder trained on RGB (config.input.channels=3).
-    """
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
-    return (images - mean) / std
 
 
 def denormalize(images: Any, mean: Any, std: Any) -> Any:
@@ -221,17 +210,19 @@ def train_dataset(
     start_step: int,
     process_index: int = 0,
     process_count: int = 1,
+    views: example_views.ExampleViews | None = None,
     view_fn: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]] | None = None,
 ) -> tf.data.Dataset:
     """The infinite train stream of local batches, starting exactly at global `start_step`.
 
-    `view_fn(image, seed)` (whole uint8 image, per-example seed) replaces the pretraining
-    views and mask with its own outputs, e.g. the augmented, normalised image of the
-    linear probe or of fine-tuning; the examples still carry label, index and corrupt.
+    index -> fetch -> the view function -> batch. The view function is `views`, else the
+    one of the step that trains `config` (its method's, cmae_jax.methods.step_for), whose
+    batch_spec the columns must match. `view_fn(image, seed)` (whole uint8 image, view
+    seed) replaces it with an evaluation's views, e.g. the augmented, normalised image of
+    the linear probe or of fine-tuning. Every example also carries label, index, corrupt.
     """
     inp = config.input
-    grid = _check_input(config, source)
-    masking.mask_counts(grid, inp)  # fails early on a bad mask config
+    _check_input(config, source)
     global_batch = inp.global_batch_size
     local_batch = _local_batch_size(global_batch, process_count, "config.input.global_batch_size")
     if not 0 <= process_index < process_count:
@@ -245,15 +236,17 @@ def train_dataset(
         )
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
+    spec = None
+    if view_fn is not None:
+        views = example_views.from_view_fn(view_fn)
+    elif views is None:
+        step = methods.step_for(config)
+        views, spec = step.views(config), step.batch_spec(config)
 
     root = _root_seed(config.seed)
     shuffle_root = tf.random.experimental.stateless_fold_in(root, _SHUFFLE)
     augment_root = tf.random.experimental.stateless_fold_in(root, _AUGMENT)
     shuffle = inp.get("shuffle", True)
-    with_target = inp.target_view
-    # MAE-CT (config.input.views='two_crops' or 'two_crops_aug'): two independent crops of
-    # the whole image, no mask; see views.two_crop_views.
-    two_crops = inp.get("views") in ("two_crops", "two_crops_aug")
     epoch_size = epoch_steps * global_batch
     row_offset = process_index * local_batch
 
@@ -277,62 +270,45 @@ def train_dataset(
         )
         return {"index": index, "seed": seed}
 
-    # The master crop box depends on the image size, so the source cuts it while decoding
-    # (fused for JPEG). A substitute for a corrupt file gets the scheduled example's seed.
+    # A crop box depends on the image size, so the source cuts it while decoding (fused
+    # for JPEG). A substitute for a corrupt file gets the scheduled example's seed.
     @tf.autograph.experimental.do_not_convert
     def fetch(el: dict[str, tf.Tensor], index: tf.Tensor) -> dict[str, tf.Tensor]:
-        view_seed = tf.random.experimental.stateless_fold_in(el["seed"], _VIEWS)
-        if two_crops or view_fn is not None:  # cropped from the whole image in `augment`
+        if views.crop_box is None:
             return source.tf_lookup_crop(index, lambda h, w: tf.stack([0, 0, h, w]))
-        return source.tf_lookup_crop(
-            index, lambda h, w: views.master_crop_box(view_seed, h, w, inp)
-        )
+        return source.tf_lookup_crop(index, lambda h, w: views.crop_box(el["seed"], h, w))
 
     @tf.autograph.experimental.do_not_convert
-    def augment(el: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        seed = el["seed"]
-        view_seed = tf.random.experimental.stateless_fold_in(seed, _VIEWS)
-        if view_fn is not None:
-            return {
-                **view_fn(el["image"], view_seed),
-                "label": tf.cast(el["label"], tf.int32),
-                "index": tf.cast(el["index"], tf.int32),
-                "corrupt": el["corrupt"],
-            }
-        if two_crops:
-            first, second = views.two_crop_views(el["image"], view_seed, inp)
-            return {
-                "view1": normalize(first, inp.mean, inp.std),
-                "view2": normalize(second, inp.mean, inp.std),
-                "label": el["label"],
-                "index": tf.cast(el["index"], tf.int32),
-                "corrupt": el["corrupt"],
-            }
-        online, target, _ = views.views_from_crop(
-            el["image"], view_seed, inp, with_target=with_target
-        )
-        out = {"online": normalize(online, inp.mean, inp.std)}
-        if with_target:
-            out["target"] = normalize(target, inp.mean, inp.std)
-        ids_keep, ids_mask = masking.sample_mask(
-            tf.random.experimental.stateless_fold_in(seed, _MASK), grid, inp
-        )
-        out["ids_keep"] = ids_keep
-        out["ids_mask"] = ids_mask
-        out["label"] = tf.cast(el["label"], tf.int32)
-        out["index"] = tf.cast(el["index"], tf.int32)
-        out["corrupt"] = el["corrupt"]
-        return out
+    def make_views(el: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {
+            **views.columns(el["image"], el["seed"]),
+            "label": tf.cast(el["label"], tf.int32),
+            "index": tf.cast(el["index"], tf.int32),
+            "corrupt": el["corrupt"],
+        }
 
     ds = tf.data.Dataset.counter(start=start_step * local_batch, dtype=tf.int64)
     ds = ds.map(locate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _fetch_all(ds, source, fetch, inp)
-    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if spec is not None:
+        _check_columns(ds.element_spec, spec, views.name)
     ds = ds.batch(
         local_batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(inp))
+
+
+def _check_columns(element_spec: dict[str, tf.TensorSpec], batch_spec: dict, name: str) -> None:
+    """Refuses a view function whose columns differ from its step's batch_spec."""
+    made = {k: (tuple(v.shape), v.dtype.name) for k, v in element_spec.items() if k != "corrupt"}
+    declared = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in batch_spec.items()}
+    if made != declared:
+        raise ValueError(
+            f"The {name} yields {made} per example but its step's batch_spec declares "
+            f"{declared}. Fix the method module so that the two agree."
+        )
 
 
 def eval_steps(num_examples: int, batch_size: int, process_count: int = 1) -> int:

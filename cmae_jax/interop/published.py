@@ -247,7 +247,10 @@ def import_checkpoint(path: str) -> ImportedCheckpoint:
                     head = positions.permute_head_input(head, encoder_perm)
                 params[name] = head
                 batch_stats[name] = stats
-        if checkpoint.method == "cmae" and "projector" in params:
+        # The contrastive heads of a method whose defaults train them (CMAE) are sized by
+        # config.model; MAE-CT's by config.maect.
+        defaults = config_defaults.base_config(checkpoint.method)
+        if defaults.loss.contrastive_weight > 0 and "projector" in params:
             architecture = dataclasses.replace(
                 architecture,
                 projector_hidden=int(params["projector"]["dense_0"]["kernel"].shape[1]),
@@ -271,9 +274,9 @@ def import_checkpoint(path: str) -> ImportedCheckpoint:
 
 def config_of(imported: ImportedCheckpoint) -> dict[str, Any]:
     """The config.json a run of this project with this model would have written: the
-    CMAE or MAE defaults with config.model and the input geometry of the checkpoint."""
+    defaults of its method with config.model and the input geometry of the checkpoint."""
     architecture = imported.architecture
-    config = config_defaults.base_config("cmae" if imported.method == "cmae" else "mae")
+    config = config_defaults.base_config(imported.method)
     for key, value in architecture.model_config().items():
         config.model[key] = value
     config.input.patch_size = architecture.patch_size

@@ -5,6 +5,9 @@ CMAE predictor:   MLPHead(1536, 256)                    256 -> 1536 -> BN -> ReL
 NNCLR projector:  MLPHead(2048, 256, num_layers=3, hidden_bias=False, last_bn=True,
                           torch_init=True)
 NNCLR predictor:  MLPHead(4096, 256, hidden_bias=False, torch_init=True)  (no bias anywhere)
+MoCo v3 projector: MLPHead(4096, 256, num_layers=3, hidden_bias=False, last_bn=True,
+                           last_bn_affine=False)
+MoCo v3 predictor: MLPHead(4096, 256, hidden_bias=False, last_bn=True, last_bn_affine=False)
 
 The CMAE heads follow the MAE family's init (xavier-uniform kernels, zero biases); the
 official MAE-CT heads keep torch.nn.Linear's default, which `torch_init` reproduces.
@@ -53,6 +56,8 @@ class MLPHead(nn.Module):
     hidden_bias: bool = True
     last_bias: bool = False
     last_bn: bool = False
+    # False: the last BatchNorm only normalises (no scale, no bias), as MoCo v3's heads.
+    last_bn_affine: bool = True
     dtype: Dtype = jnp.float32
     # Logical name of the input features ('embed' after an encoder, 'proj' after a
     # projector), so that the first kernel is split over fsdp like the encoder's.
@@ -68,9 +73,13 @@ class MLPHead(nn.Module):
             init["bias_init"] = init["kernel_init"]
         return vit.dense(features, axes, self.dtype, name, bias, **init)(x)
 
-    def _batch_norm(self, train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
+    def _batch_norm(
+        self, train: bool, axis_name: str | None, name: str, affine: bool = True
+    ) -> nn.BatchNorm:
         return nn.BatchNorm(
             use_running_average=not train,
+            use_scale=affine,
+            use_bias=affine,
             momentum=BN_MOMENTUM,
             epsilon=BN_EPS,
             dtype=self.dtype,
@@ -95,5 +104,5 @@ class MLPHead(nn.Module):
         in_axis = "mlp" if last else self.in_axis
         x = self._dense(x, self.out_dim, (in_axis, "proj"), f"dense_{last}", self.last_bias)
         if self.last_bn:
-            x = self._batch_norm(train, "proj", f"bn_{last}")(x)
+            x = self._batch_norm(train, "proj", f"bn_{last}", self.last_bn_affine)(x)
         return nn.with_logical_constraint(x, ("batch", None))

@@ -1,5 +1,9 @@
 """CMAE pretraining (and plain MAE, its contrastive_weight = 0 special case), top to bottom.
 
+The method module of 'cmae' (cmae_jax.methods; 'mae' is cmae_jax.methods.mae, this step
+with the contrastive branch off): defaults, config checks, views, model, optimiser,
+update step, FLOPs and the trainer.
+
 Online branch: the encoder sees the visible patches of the online view; the pixel decoder
 reconstructs the masked ones; the feature decoder's pooled output goes through projector and
 predictor. Target branch: an EMA copy of encoder and projector (kept in the optimiser state,
@@ -17,9 +21,20 @@ import ml_collections
 import numpy as np
 import optax
 
-from cmae_jax import ema, loop, losses, optim, sharding, train_state, visualize, weights
-from cmae_jax.data import masking, pipeline, train_data
-from cmae_jax.evaluation import hooks as evaluation_hooks
+from cmae_jax import (
+    ema,
+    flops,
+    loop,
+    losses,
+    mask_sizes,
+    methods,
+    optim,
+    sharding,
+    train_state,
+    visualize,
+    weights,
+)
+from cmae_jax.config_checks import ConfigError, require, require_checkpoint
 from cmae_jax.evaluation import knn
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
@@ -194,7 +209,7 @@ def make_init_state(model: nn.Module, tx: optax.GradientTransformation, config):
     """A function rng -> TrainState (leaves boxed with logical axis names)."""
     size, channels = config.input.image_size, config.input.channels
     grid = size // config.input.patch_size
-    num_keep, num_mask = masking.mask_counts(grid, config.input)
+    num_keep, num_mask = mask_sizes.mask_counts(grid, config.input)
 
     def init_state(rng):
         variables = model.init(
@@ -238,6 +253,11 @@ def train_and_evaluate(
     would; a later call resumes from there. Returns cmae_jax.loop.train's results:
     'history', 'knn_top1' (when evaluated), 'complete', 'preempted', ...
     """
+    # TF-free: the input pipeline and the evaluations import TensorFlow, which only the
+    # trainer needs, not the update step (benchmarks, compile-ahead).
+    from cmae_jax.data import pipeline, train_data
+    from cmae_jax.evaluation import hooks as evaluation_hooks
+
     run = loop.set_up(
         config, workdir, method=config.method, data=train_data.TrainData.from_config(config)
     )
@@ -326,3 +346,182 @@ def train_and_evaluate(
         config, run.mesh, knn.feature_fn(model), own={"reconstructions": write_pictures}
     )
     return loop.train(run, task, hooks=hooks, stop_at_step=stop_at_step)
+
+
+# -------------------------------------------------------------------- The registry entry
+
+
+def set_defaults(config: ml_collections.ConfigDict) -> None:
+    """CMAE's keys (SPEC): the pixel-shifted target view, 2x2 block masking of 65% (35% of
+    the cells kept whole), InfoNCE at weight 1."""
+    config.input.target_view = True
+    config.input.mask_type = "block"
+    config.input.mask_ratio = 0.65
+    config.loss.contrastive_weight = 1.0
+
+
+def validate(config: ml_collections.ConfigDict, checks: methods.Checks) -> None:
+    """The CMAE / MAE keys: masking, pixel shift, the contrastive branch, init_from."""
+    inp = config.input
+    require(
+        0.0 < inp.mask_ratio < 1.0,
+        f"config.input.mask_ratio={inp.mask_ratio} is outside (0, 1); it is the fraction of "
+        "patches hidden from the encoder, e.g. 0.75 (MAE) or 0.65 (CMAE block masking).",
+    )
+    # Building the model (no parameters yet) and the mask lengths checks the variant, the
+    # patch and image sizes, the dtype and the masking against each other.
+    try:
+        cmae_model.build_model(config.model, inp, contrastive=config.loss.contrastive_weight > 0)
+        mask_sizes.mask_counts(inp.image_size // inp.patch_size, inp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    require(
+        inp.shift >= 0, f"config.input.shift={inp.shift} must be >= 0 (pixels of target offset)."
+    )
+    master = inp.get("master_size") or 0
+    require(
+        master == 0 or master >= inp.image_size + inp.shift,
+        f"config.input.master_size={master} cannot hold a {inp.image_size} px view shifted by "
+        f"up to {inp.shift} px; use 0 (image_size + shift + 1, the official 256 at 224 px) or "
+        f"at least {inp.image_size + inp.shift}.",
+    )
+    require(
+        config.loss.contrastive_weight >= 0,
+        f"config.loss.contrastive_weight={config.loss.contrastive_weight} must be >= 0.",
+    )
+    if config.loss.contrastive_weight > 0:
+        require(
+            inp.target_view,
+            "config.loss.contrastive_weight > 0 needs the target view: set "
+            "--config.input.target_view=True.",
+        )
+        require(
+            config.loss.temperature > 0,
+            f"config.loss.temperature={config.loss.temperature} must be > 0.",
+        )
+        require(
+            0.0 <= config.ema.momentum <= 1.0,
+            f"config.ema.momentum={config.ema.momentum} must lie in [0, 1], e.g. 0.996.",
+        )
+    if config.get("init_from") and checks.check_data:
+        require_checkpoint(config.init_from, "config.init_from")
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """One example's columns: the online view (+ target view), the mask, label, index."""
+    inp = config.input
+    size, channels = inp.image_size, inp.channels
+    keep, masked = mask_sizes.mask_counts(size // inp.patch_size, inp)
+    image = jax.ShapeDtypeStruct((size, size, channels), jnp.float32)
+    spec = {
+        "online": image,
+        "ids_keep": jax.ShapeDtypeStruct((keep,), jnp.int32),
+        "ids_mask": jax.ShapeDtypeStruct((masked,), jnp.int32),
+        "label": jax.ShapeDtypeStruct((), jnp.int32),
+        "index": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    if inp.target_view:
+        spec["target"] = image
+    return spec
+
+
+def views(config: ml_collections.ConfigDict) -> Any:
+    """The masked views (cmae_jax.data.example_views.masked_views)."""
+    # TF-free: example_views imports TensorFlow; only the input pipeline calls this.
+    from cmae_jax.data import example_views
+
+    return example_views.masked_views(config)
+
+
+def build(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> methods.StepParts:
+    """Model, initial state and update step as the trainer builds them."""
+    model, tx, lr_schedule, momentum = make_model_and_optimizer(
+        config, steps_per_epoch, total_steps
+    )
+
+    def make_update(state_shardings: Any):
+        grad_shardings = None if state_shardings is None else state_shardings.params
+        return make_train_step(model, config, tx, lr_schedule, momentum, grad_shardings)
+
+    return methods.StepParts(model, make_init_state(model, tx, config), make_update)
+
+
+def flops_per_example(config: ml_collections.ConfigDict) -> float:
+    """Analytic FLOPs of one example's CMAE/MAE update: matmuls and attention.
+
+    Trained parts count 3x their forward (backward = 2x forward); the EMA target branch
+    runs forward only. No rematerialisation: this is the 'model FLOPs' of MFU.
+    """
+    model = cmae_model.build_model(
+        config.model, config.input, contrastive=config.loss.contrastive_weight > 0
+    )
+    spec = model.encoder_spec
+    grid = config.input.image_size // spec.patch_size
+    patches = grid * grid
+    keep, _ = mask_sizes.mask_counts(grid, config.input)
+    pixel = spec.patch_size * spec.patch_size * spec.channels
+
+    def decoder(out_dim, depth):
+        dw = model.pixel_decoder_width
+        embed = 2 * (keep + 1) * spec.width * dw
+        blocks = flops.transformer_flops(patches + 1, dw, depth, 4 * dw)
+        return embed + blocks + 2 * (patches + 1) * dw * out_dim
+
+    def head(d_in):
+        return flops.mlp_head_flops([d_in, model.projector_hidden, model.projection_dim])
+
+    trained = flops.encoder_flops(spec, keep + 1, spec.channels)
+    trained += decoder(pixel, model.pixel_decoder_depth)
+    target = 0.0
+    batch = config.input.global_batch_size
+    if model.contrastive:
+        trained += decoder(spec.width, model.feature_decoder_depth)
+        trained += head(spec.width) + head(model.projection_dim)
+        target = flops.encoder_flops(spec, patches + 1, spec.channels) + head(spec.width)
+        trained += 2 * batch * model.projection_dim  # the InfoNCE logits row of one query
+    return float(3 * trained + target)
+
+
+def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
+    """A global batch of batch_spec's columns at random: normal images, real masks."""
+    inp = config.input
+    rng = np.random.default_rng(seed)
+    b, size, channels = inp.global_batch_size, inp.image_size, inp.channels
+
+    def images():
+        return rng.normal(size=(b, size, size, channels)).astype(np.float32)
+
+    batch = {
+        "label": rng.integers(0, 10, b).astype(np.int32),
+        "index": np.arange(b, dtype=np.int32),
+    }
+    grid = size // inp.patch_size
+    keep, _ = mask_sizes.mask_counts(grid, inp)
+    order = np.argsort(rng.random((b, grid * grid)), axis=1).astype(np.int32)
+    batch.update(
+        online=images(),
+        ids_keep=np.sort(order[:, :keep], axis=1),
+        ids_mask=np.sort(order[:, keep:], axis=1),
+    )
+    if inp.target_view:
+        batch["target"] = images()
+    return batch
+
+
+STEP = methods.Step(
+    batch_spec=batch_spec,
+    views=views,
+    build=build,
+    flops_per_example=flops_per_example,
+    random_batch=random_batch,
+)
+
+METHOD = methods.Method(
+    name="cmae",
+    defaults=set_defaults,
+    validate=validate,
+    steps=lambda config: {"": (STEP, config)},
+    train=train_and_evaluate,
+)

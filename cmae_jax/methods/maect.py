@@ -1,9 +1,13 @@
 """MAE-CT, top to bottom: MAE pretraining, an NNCLR head on the frozen encoder, contrastive tuning.
 
+The method module of 'maect' (cmae_jax.methods): its steps are stage 1 (the 'mae' step)
+and the contrastive step of stages 2 and 3, whose stage configs name their stage
+(config.stage, see stage_config).
+
 The three stages (SPEC, MAE-CT) run one after the other, each in a sub-folder of the
 workdir and each resumable on its own:
 
-  1_mae   MAE pretraining: the MAE trainer (cmae_jax.train_cmae with contrastive_weight 0)
+  1_mae   MAE pretraining: the MAE trainer (cmae_jax.methods.mae)
           on the config's top-level keys.
   2_head  NNCLR projector + predictor on the frozen encoder (config.stages.head).
   3_tune  Contrastive tuning: the encoder's upper half and the heads (config.stages.tune).
@@ -43,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -51,19 +56,20 @@ from flax import serialization
 from cmae_jax import (
     checkpointing,
     ema,
+    flops,
     loop,
     losses,
+    methods,
     nnclr,
     optim,
     param_groups,
-    train_cmae,
     train_state,
     weights,
 )
 from cmae_jax import workdir as workdir_files
-from cmae_jax.data import train_data
-from cmae_jax.evaluation import hooks as evaluation_hooks
+from cmae_jax.config_checks import require, require_checkpoint
 from cmae_jax.evaluation import knn
+from cmae_jax.methods import mae
 from cmae_jax.models import maect as maect_model
 
 # Sub-folder of each stage, and the config.stages section of the contrastive ones.
@@ -87,7 +93,8 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
 
     Keys of the stage's section that also exist at the top level (num_epochs, total_steps,
     input, optimizer, ...) replace them, nested sections key by key; the stage-only keys
-    (init_from, temperature, ...) stay in config.stages[stage].
+    (init_from, temperature, ...) stay in config.stages[stage]. A contrastive stage's
+    config names its stage (config.stage); stage 1's is a MAE config (method 'mae').
     """
     out = config.copy_and_resolve_references()
 
@@ -104,6 +111,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
         if stage in STAGE_SECTIONS:
             section = out.stages[STAGE_SECTIONS[stage]]
             override(out, {k: v for k, v in section.items() if k in out})
+            out.stage = stage
         else:
             out.method = "mae"  # stage 1 is the MAE trainer's ordinary run
     return out
@@ -353,6 +361,11 @@ def train_stage(
     `stop_at_step` ends the stage after saving a checkpoint at that step, as a preemption
     would; a later call resumes from there.
     """
+    # TF-free: the input pipeline and the evaluations import TensorFlow, which only the
+    # trainer needs, not the update step (benchmarks, compile-ahead).
+    from cmae_jax.data import train_data
+    from cmae_jax.evaluation import hooks as evaluation_hooks
+
     stage = config.stages[STAGE_SECTIONS[stage_name]]
     config = stage_config(config, stage_name)
     run = loop.set_up(
@@ -461,7 +474,7 @@ def train_and_evaluate(
             stop_at_step = stop_at[1] if stop_at is not None and stop_at[0] == name else None
             start_time = time.time()
             if name == STAGES[0]:
-                results = train_cmae.train_and_evaluate(
+                results = mae.METHOD.train(
                     stage_config(config, name), stage_dir, stop_at_step=stop_at_step
                 )
             else:
@@ -495,3 +508,208 @@ def train_and_evaluate(
                     score = 100 * done[f"knn_top1_{which}"]
                     print(f"k-NN top-1 of the {which} encoder: {score:.2f}%", flush=True)
     return summary
+
+
+# -------------------------------------------------------------------- The registry entry
+
+
+def set_defaults(config: ml_collections.ConfigDict) -> None:
+    """Stage 1's keys (MAE's); config_defaults.maect_config adds the stages' recipe."""
+    mae.set_defaults(config)
+
+
+def validate(config: ml_collections.ConfigDict, checks: methods.Checks) -> None:
+    """Stage 1's MAE keys, config.maect and the sections of stages 2 and 3 (config.stages)."""
+    require(
+        not config.get("init_from"),
+        f"config.init_from={config.get('init_from')!r} starts CMAE/MAE pretraining; for "
+        f"method={config.method!r} use config.stages.<stage>.init_from.",
+    )
+    mae.validate(config, checks)
+    m = config.maect
+    require(
+        m.pooling in maect_model.POOLINGS,
+        f"config.maect.pooling={m.pooling!r} is not one of {', '.join(maect_model.POOLINGS)}.",
+    )
+    require(
+        "topk" not in m,
+        "config.maect.topk is now per stage: set config.stages.head.topk (official: 0, the "
+        "nearest neighbour) and config.stages.tune.topk (official: 20, or 10 for _aug B/L).",
+    )
+    depth = maect_model.build_model(config.model, config.input, m).encoder_spec.depth
+    num_devices, process_count = checks.num_devices, checks.process_count
+    for name in ("head", "tune"):
+        stage, key = config.stages[name], f"config.stages.{name}"
+        batch = stage.input.global_batch_size
+        require(
+            batch > 0 and batch % num_devices == 0 and batch % process_count == 0,
+            f"{key}.input.global_batch_size={batch} must be a positive multiple of the "
+            f"{num_devices} devices and {process_count} processes.",
+        )
+        require(
+            m.queue_size >= batch,
+            f"config.maect.queue_size={m.queue_size} cannot take a global batch of {batch} "
+            f"keys ({key}.input.global_batch_size); make the queue at least that long.",
+        )
+        require(
+            stage.input.views in ("two_crops", "two_crops_aug"),
+            f"{key}.input.views={stage.input.views!r} must be 'two_crops' or 'two_crops_aug'.",
+        )
+        low, high = stage.input.crop_scale
+        require(
+            0.0 < low <= high <= 1.0,
+            f"{key}.input.crop_scale={tuple(stage.input.crop_scale)} must satisfy "
+            "0 < low <= high <= 1, e.g. (0.08, 1.0).",
+        )
+        require(stage.temperature > 0, f"{key}.temperature={stage.temperature} must be > 0.")
+        require(
+            0 <= stage.topk <= m.queue_size,
+            f"{key}.topk={stage.topk} must lie in [0, config.maect.queue_size={m.queue_size}] "
+            "(0: the nearest neighbour, as the official stage 2; k: one of the k nearest).",
+        )
+        require(
+            0.0 <= stage.encoder_ema_momentum < 1.0,
+            f"{key}.encoder_ema_momentum={stage.encoder_ema_momentum} must lie in [0, 1) "
+            "(0: no encoder EMA; the official stage 3: 0.9999).",
+        )
+        require(
+            stage.published_encoder in ("ema", "raw"),
+            f"{key}.published_encoder={stage.published_encoder!r} must be 'ema' or 'raw'.",
+        )
+        require(
+            0.0 <= stage.ema_momentum < 1.0,
+            f"{key}.ema_momentum={stage.ema_momentum} must lie in [0, 1) (0: no EMA projector).",
+        )
+        require(
+            0 <= stage.frozen_blocks <= depth,
+            f"{key}.frozen_blocks={stage.frozen_blocks} must lie in [0, {depth}] (the depth).",
+        )
+        require(
+            0.0 < stage.layer_decay <= 1.0,
+            f"{key}.layer_decay={stage.layer_decay} must lie in (0, 1], e.g. 0.65.",
+        )
+        require(
+            stage.num_epochs > 0 or stage.total_steps > 0,
+            f"Set {key}.num_epochs or {key}.total_steps to a positive number.",
+        )
+        for opt_name in ("optimizer", "head_optimizer"):
+            opt = stage[opt_name]
+            require(
+                opt.base_lr >= 0 and opt.weight_decay >= 0 and opt.views_per_example >= 1,
+                f"{key}.{opt_name}: base_lr and weight_decay must be >= 0 and "
+                "views_per_example >= 1.",
+            )
+        if checks.check_data and stage.init_from:
+            require_checkpoint(stage.init_from, f"{key}.init_from")
+
+
+def _stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config.stages section of a contrastive stage's config."""
+    return config.stages[STAGE_SECTIONS[config.stage]]
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """One example's columns in stages 2 and 3: two views, label, index."""
+    inp = config.input
+    image = jax.ShapeDtypeStruct((inp.image_size, inp.image_size, inp.channels), jnp.float32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return {"view1": image, "view2": image, "label": scalar, "index": scalar}
+
+
+def views(config: ml_collections.ConfigDict) -> Any:
+    """Two crops of the whole image (cmae_jax.data.example_views.two_crop_views)."""
+    # TF-free: example_views imports TensorFlow; only the input pipeline calls this.
+    from cmae_jax.data import example_views
+
+    return example_views.two_crop_views(config)
+
+
+def build(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> methods.StepParts:
+    """Model, initial state and update step of the stage, as train_stage builds them."""
+    stage = _stage(config)
+    model, tx, schedules = make_model_and_optimizer(config, stage, steps_per_epoch, total_steps)
+    update = make_train_step(model, config, config.stage, stage, tx, schedules)
+    return methods.StepParts(
+        model, make_init_state(model, tx, config, stage), lambda state_shardings: update
+    )
+
+
+def flops_per_example(config: ml_collections.ConfigDict) -> float:
+    """Analytic FLOPs of one example's update in stage 2 or 3 (matmuls and attention).
+
+    Two whole views pass the encoder, projector and predictor; the frozen part of the
+    encoder (all of it in stage 2; patch embedding and the first `frozen_blocks` blocks in
+    stage 3) runs forward only, everything else 3x. The EMA projector and the top-k lookup
+    in the queue (query x queue) run forward only; the two NNCLR logits rows (neighbour x
+    batch) count 3x.
+    """
+    stage = _stage(config)
+    model = maect_model.build_model(config.model, config.input, config.maect)
+    spec = model.encoder_spec
+    grid = config.input.image_size // spec.patch_size
+    tokens = grid * grid + 1
+    batch = config.input.global_batch_size
+    dim = model.projection_dim
+    channels = config.input.channels
+    if stage.freeze_encoder:
+        frozen, trained = flops.encoder_flops(spec, tokens, channels), 0.0
+    else:
+        frozen = flops.encoder_flops(spec, tokens, channels, depth=stage.frozen_blocks)
+        trained = flops.encoder_flops(spec, tokens, channels) - frozen
+    projector = flops.mlp_head_flops(
+        [spec.width, model.projector_hidden, model.projector_hidden, dim]
+    )
+    predictor = flops.mlp_head_flops([dim, model.predictor_hidden, dim])
+    trained += projector + predictor + 2 * batch * dim  # one logits row per view
+    forward_only = frozen + 2 * config.maect.queue_size * dim
+    if stage.ema_momentum > 0:
+        forward_only += projector
+    return float(2 * (3 * trained + forward_only))
+
+
+def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
+    """A global batch of batch_spec's columns at random (normal images)."""
+    inp = config.input
+    rng = np.random.default_rng(seed)
+    b, size, channels = inp.global_batch_size, inp.image_size, inp.channels
+
+    def images():
+        return rng.normal(size=(b, size, size, channels)).astype(np.float32)
+
+    return {
+        "label": rng.integers(0, 10, b).astype(np.int32),
+        "index": np.arange(b, dtype=np.int32),
+        "view1": images(),
+        "view2": images(),
+    }
+
+
+CONTRASTIVE_STEP = methods.Step(
+    batch_spec=batch_spec,
+    views=views,
+    build=build,
+    flops_per_example=flops_per_example,
+    random_batch=random_batch,
+)
+
+
+def steps(config: ml_collections.ConfigDict) -> dict[str, tuple[methods.Step, Any]]:
+    """The three stages with their configs; a stage's config (config.stage) is its own."""
+    if "stage" in config:
+        return {config.stage: (CONTRASTIVE_STEP, config)}
+    out = {}
+    for name in STAGES:
+        stage_cfg = stage_config(config, name)
+        out[name] = (methods.step_for(stage_cfg), stage_cfg)
+    return out
+
+
+METHOD = methods.Method(
+    name="maect",
+    defaults=set_defaults,
+    validate=validate,
+    steps=steps,
+    train=train_and_evaluate,
+)
