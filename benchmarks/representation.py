@@ -188,16 +188,16 @@ def pretraining_runs(method: str, workdir: str, args: argparse.Namespace) -> lis
             overrides[f"stages.{stage}.total_steps"] = args.total_steps
     command = main_command(config_path(method), method_dir, overrides)
     # Stage 1 is the MAE run: its curve and time come first.
-    return pretraining_runs("mae", workdir, args) + [
-        Run(
-            method,
-            os.path.join(method_dir, stage),
-            command,
-            steps_per_epoch(cfg, int(cfg.stages[stage.split("_")[1]].input.global_batch_size)),
-            overrides,
-        )
-        for stage in MAECT_STAGES
-    ]
+    runs = pretraining_runs("mae", workdir, args)
+    for stage in MAECT_STAGES:
+        section = cfg.stages[stage.split("_")[1]]
+        metric = "knn_top1_subset"
+        if section.encoder_ema_momentum > 0:
+            metric = f"knn_top1_{section.published_encoder}_subset"
+        epoch_steps = steps_per_epoch(cfg, int(section.input.global_batch_size))
+        folder = os.path.join(method_dir, stage)
+        runs.append(Run(method, folder, command, epoch_steps, overrides, metric))
+    return runs
 
 
 @dataclasses.dataclass
@@ -209,6 +209,9 @@ class Run:
     command: list[str]
     steps_per_epoch: int
     overrides: dict[str, Any]
+    # The periodic k-NN's metric: that of the encoder the run hands on (MAE-CT stage 3
+    # evaluates its raw and EMA encoders and publishes one of them).
+    knn_metric: str = "knn_top1_subset"
 
     def complete(self) -> bool:
         results = read_json(os.path.join(self.folder, "results.json"))
@@ -229,8 +232,8 @@ def curve(run: Run) -> tuple[list[dict[str, float]], float]:
                 offset += last_uptime
             last_uptime = row["uptime"]
             wall_of[row["step"]] = offset + row["uptime"]
-        if "knn_top1_subset" in row:
-            knn_of[row["step"]] = row["knn_top1_subset"]
+        if run.knn_metric in row:
+            knn_of[row["step"]] = row[run.knn_metric]
     logged = sorted(wall_of)
     points = [
         dict(
