@@ -231,18 +231,25 @@ def fashion_mnist_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.dataset.num_classes = 10
 
     config.input.global_batch_size = 256
-    config.input.image_size = 32
+    # Native 28 px images in 7 px patches (a 4x4 grid of 16 tokens). Measured against the
+    # earlier 32 px views in 4 px patches (an 8x8 grid): a 7.8x cheaper CMAE step and a
+    # better k-NN after 5 epochs (CMAE 81.17% against 80.15% after 4, MAE 80.10% against
+    # 78.70%; README "Does it learn?").
+    config.input.image_size = 28
     config.input.channels = 1
-    config.input.patch_size = 4
     config.input.shift = 4
-    # The demo's measured geometry (32 + 4: a 36 px master) rather than the official rule's
-    # 37; every view still fits.
-    config.input.master_size = 36
+    # 28 + 4: the smallest master that holds a view shifted by up to 4 px (the official
+    # rule's 28 + 4 + 1 would add a row and column no view ever sees).
+    config.input.master_size = 32
+    # A 4x4 grid has only four 2x2 cells, so CMAE's block masking would keep 1 or 2 of
+    # them; both methods mask 75% of the patches at random (4 of 16 stay visible).
+    config.input.mask_type = "random"
+    config.input.mask_ratio = 0.75
     config.input.mean = FASHION_MNIST_MEAN
     config.input.std = FASHION_MNIST_STD
     config.input.eval_crop_fraction = 1.0
 
-    config.model.variant = "Mu/4"
+    set_variant(config, "Mu/7")
     config.model.pixel_decoder_width = 64
     config.model.pixel_decoder_depth = 2
     config.model.pixel_decoder_heads = 4
@@ -251,7 +258,7 @@ def fashion_mnist_config(method: str = "cmae") -> ml_collections.ConfigDict:
 
     config.optimizer.base_lr = 1e-3
     config.optimizer.warmup_epochs = 0.25
-    config.num_epochs = 4
+    config.num_epochs = 5
 
     config.log_every_steps = 20
     config.image_every_steps = 200

@@ -16,8 +16,9 @@ included). Each stage prints its result as `k-NN top-1: NN.NN%` (cls token, k = 
 the CMAE demo).
 
 Departures from the ImageNet recipe (configs/maect_vitb.py), all for size and time:
-  * the "Mu/4" encoder (96 wide, 4 deep, 3 heads), 32 px views, patch 4; stage 3 freezes
-    the patch embedding, the cls token and blocks 0-1 (the first half, as SPEC);
+  * the "Mu/7" encoder (96 wide, 4 deep, 3 heads), native 28 px views, patch 7 (a 4x4
+    grid), as the MAE demo; stage 3 freezes the patch embedding, the cls token and blocks
+    0-1 (the first half, as SPEC);
   * cls-token pooling (SPEC: mean for B) so that stage 2/3 train the feature the k-NN
     reads, and the MAE demo's k-NN (cls) is the "before" number;
   * heads 512 -> 128 (projector hidden, output) and 1024 (predictor hidden) instead of

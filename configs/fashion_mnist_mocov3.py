@@ -4,15 +4,15 @@ Command (after `pip install -r requirements.txt -e .` and Debian's dataset-fashi
   python -m cmae_jax.main --config=configs/fashion_mnist_mocov3.py \
       --workdir=workdirs/fmnist_mocov3
 
-Hardware: 2 CPU cores. Not yet measured: each step runs two 32 px views through the
-online encoder (forward and backward) and the momentum encoder, all 65 tokens: 0.52 GFLOP
-per image against the CMAE demo's 0.22 (flops_per_example), so expect roughly 2.4 times
-the CMAE demo's training time for the same 4 epochs (the same images, so the k-NN numbers
-compare). It ends with a line `k-NN top-1: NN.NN%` (cls token, k = 20, as the CMAE demo).
+Hardware: 2 CPU cores. Not yet measured at the demo geometry: each step runs two 28 px
+views through the online encoder (forward and backward) and the momentum encoder, all 17
+tokens: 0.132 GFLOP per image against the CMAE demo's 0.053 (flops_per_example), so expect
+roughly 2.5 times the CMAE demo's time per epoch (about 25 minutes for these 4 epochs on 2
+idle cores). It ends with a line `k-NN top-1: NN.NN%` (cls token, k = 20, as the CMAE demo).
 
 Departures from the ImageNet recipe (configs/mocov3_vitb.py), all for size and time:
-  * the "Mu/4" encoder (96 wide, 4 deep, 3 heads), 32 px views of the 28 px images,
-    patch 4 (an 8x8 grid), as the CMAE demo;
+  * the "Mu/7" encoder (96 wide, 4 deep, 3 heads), native 28 px views, patch 7 (a 4x4
+    grid), as the CMAE demo;
   * heads 512 -> 128 (projector hidden and output) and 512 (predictor hidden) instead of
     4096 -> 256, as the CMAE demo's heads;
   * global batch 256 instead of 4096, 4 epochs instead of 300, base lr 5e-4 (times
@@ -21,7 +21,7 @@ Departures from the ImageNet recipe (configs/mocov3_vitb.py), all for size and t
   * views: crops of scale 0.2-1.0 instead of 0.08-1.0 (an 8% crop of a 28 px image is
     8 px; the MAE-CT demo's choice) and, on grey images, brightness and contrast jitter
     only (p 0.8): no saturation, hue or grayscale (identities on one channel), no blur or
-    solarize (at 32 px a 3-pixel blur kernel and a grey-level flip would mostly destroy
+    solarize (at 28 px a 3-pixel blur kernel and a grey-level flip would mostly destroy
     the garment's texture).
 """
 

@@ -21,6 +21,8 @@ HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 TINY = {
     "input.global_batch_size": 32,
     "input.image_size": 16,
+    "input.patch_size": 4,
+    "model.variant": "Mu/4",
     "model.width": 32,
     "model.depth": 2,
     "model.num_heads": 2,

@@ -25,6 +25,7 @@ def tiny(config, idx_dir):
     """16 px views, batch 8, on the small Fashion-MNIST folder."""
     config.dataset.idx_dir = idx_dir
     config.input.image_size = 16
+    config_defaults.set_variant(config, "Mu/4")  # 4 px patches: a 4x4 grid
     config.input.global_batch_size = 8
     for stage in config.get("stages", {}).values():
         stage.input.global_batch_size = 8
@@ -234,7 +235,15 @@ def run_without_tensorflow(*args):
     )
 
 
-TINY = ["--batch=8", "--steps=1", "--rounds=1", "--warmup=1", "--config.input.image_size=16"]
+TINY = [
+    "--batch=8",
+    "--steps=1",
+    "--rounds=1",
+    "--warmup=1",
+    "--config.input.image_size=16",
+    "--config.input.patch_size=4",
+    "--config.model.variant=Mu/4",
+]
 
 
 @pytest.mark.parametrize(

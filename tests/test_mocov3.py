@@ -19,7 +19,7 @@ from test_train import REPO, assert_trees_equal, restore_raw
 
 from cmae_jax import config_validation, ema, methods, optim
 from cmae_jax.config_checks import ConfigError
-from cmae_jax.config_defaults import base_config
+from cmae_jax.config_defaults import base_config, set_variant
 from cmae_jax.data import pipeline, sources
 from cmae_jax.methods import mocov3
 from cmae_jax.models import cmae as cmae_model
@@ -40,6 +40,7 @@ def tiny_config(idx_dir: str, total_steps: int = 6) -> ml_collections.ConfigDict
     config.dataset.idx_dir = idx_dir
     config.input.global_batch_size = 32
     config.input.image_size = 16
+    set_variant(config, "Mu/4")  # 4 px patches: a 4x4 grid
     config.model.width = 32
     config.model.depth = 2
     config.model.num_heads = 2
@@ -359,6 +360,8 @@ def test_command_line_end_to_end(small_fashion_mnist, tmp_path):
         "dataset.idx_dir": small_fashion_mnist,
         "input.global_batch_size": 32,
         "input.image_size": 16,
+        "input.patch_size": 4,
+        "model.variant": "Mu/4",
         "model.width": 32,
         "model.depth": 1,
         "model.num_heads": 2,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmae_jax.config_defaults import fashion_mnist_config, fashion_mnist_maect_config
+from cmae_jax.config_defaults import fashion_mnist_config, fashion_mnist_maect_config, set_variant
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import encoder_spec, vit
 
@@ -39,6 +39,7 @@ def tiny_mae_config():
     config = fashion_mnist_config("mae")
     config.input.global_batch_size = 2
     config.input.image_size = 16
+    set_variant(config, "Mu/4")  # 4 px patches: a 4x4 grid
     config.model.width = 32
     config.model.depth = 2
     config.model.num_heads = 2
@@ -63,6 +64,7 @@ def test_benchmark_flops_of_a_maect_stage_equal_a_hand_count():
     config = fashion_mnist_maect_config()
     config.model.width, config.model.depth, config.model.num_heads = 32, 2, 2
     config.input.image_size = 16
+    set_variant(config, "Mu/4")  # 4 px patches: a 4x4 grid
     config.maect.update(projector_hidden=64, predictor_hidden=48, projection_dim=8)
     config.maect.queue_size = 100
     config.stages.tune.input.global_batch_size = 4

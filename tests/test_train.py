@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmae_jax.config_defaults import fashion_mnist_config
+from cmae_jax.config_defaults import fashion_mnist_config, set_variant
 from cmae_jax.methods import cmae as train_cmae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +22,7 @@ def tiny_config(idx_dir: str, method: str = "cmae", total_steps: int = 6):
     config.dataset.idx_dir = idx_dir
     config.input.global_batch_size = 32
     config.input.image_size = 16
+    set_variant(config, "Mu/4")  # 4 px patches: a 4x4 grid
     config.model.width = 32
     config.model.depth = 2
     config.model.num_heads = 2
@@ -213,6 +214,8 @@ def test_command_line_end_to_end(small_fashion_mnist, tmp_path):
             "dataset.idx_dir": small_fashion_mnist,
             "input.global_batch_size": 32,
             "input.image_size": 16,
+            "input.patch_size": 4,
+            "model.variant": "Mu/4",
             "model.width": 32,
             "model.depth": 1,
             "model.num_heads": 2,
