@@ -19,8 +19,12 @@ def enable(cache_dir: str) -> str | None:
     """Turns the cache on in `cache_dir` (local or gs://), or off for ''; returns the folder.
 
     Call it before the first compilation. Programs that compile in under a second are not
-    stored (JAX's threshold): reading them back would save nothing.
+    stored (JAX's threshold, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS): reading them back
+    would save nothing. With the default folder, JAX's own JAX_COMPILATION_CACHE_DIR, when
+    set, chooses the folder instead (the test suite shares one folder among its runs so).
     """
+    if cache_dir == DEFAULT_DIR and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
     if not cache_dir:
         jax.config.update("jax_enable_compilation_cache", False)
         logging.info("Persistent compilation cache: off (config.compilation_cache_dir='').")

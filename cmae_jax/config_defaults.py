@@ -150,7 +150,8 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
 
     # JAX's persistent compilation cache (cmae_jax.compilation_cache): a rerun or a resumed
     # run loads its compiled init and step from this folder instead of compiling them
-    # again. '' turns it off; a gs:// folder can serve every host of a pod.
+    # again. '' turns it off; a gs:// folder can serve every host of a pod. Left at this
+    # default, the environment's JAX_COMPILATION_CACHE_DIR (when set) picks the folder.
     config.compilation_cache_dir = "~/.cache/cmae_jax/jax_compilation_cache"
 
     config.log_every_steps = 100

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small Fashion-MNIST-format IDX folder for end-to-end runs."""
+"""Shared fixtures: one JAX compilation cache for the whole session, and a small
+Fashion-MNIST-format IDX folder for end-to-end runs."""
 
 import gzip
 import os
@@ -7,6 +8,40 @@ import numpy as np
 import pytest
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent compilation cache, empty at the start, for the session and its children.
+
+    The suite compiles the same few tiny programs again and again: in this process (each
+    run jits its step afresh) and in every `python -m cmae_jax.main`, notebook kernel and
+    worker it starts. The environment reaches the children (cmae_jax.compilation_cache
+    takes JAX_COMPILATION_CACHE_DIR over the default folder; a test that names its own
+    folder keeps it); the threshold 0 stores even programs that compile in milliseconds.
+    A cache hit loads the executable XLA compiled for the same program, flags and devices,
+    so every bit-exactness test compares the same numbers as with compilation.
+    """
+    import jax
+
+    folder = str(tmp_path_factory.mktemp("jax_compilation_cache"))
+    settings = {
+        "JAX_COMPILATION_CACHE_DIR": folder,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield folder
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def write_idx(path, array, type_code, compress):

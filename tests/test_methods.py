@@ -186,7 +186,6 @@ def test_the_command_line_runs_a_registered_methods_trainer(
             def get_config():
                 config = fashion_mnist_config("fake")
                 config.dataset.idx_dir = {small_fashion_mnist!r}
-                config.compilation_cache_dir = ""
                 config.fake_weight = 3.0
                 return config
             """

@@ -8,7 +8,9 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("mae", "cmae", "maect")
+# MAE-CT continues the MAE run, so these two cover a reconstruction and a contrastive
+# stage at the price of one pretraining (CMAE and MoCo v3 run end to end in their own tests).
+METHODS = ("mae", "maect")
 # The evaluation folder of each table row (eval_<name>).
 EVAL_FOLDERS = {"raw pixels": "pixels", "random init": "random", **{m: m for m in METHODS}}
 
@@ -62,8 +64,8 @@ def test_every_output_is_written(benchmark_run):
         table = f.read()
     assert table in stdout
     assert len(table.strip().splitlines()) == 2 + len(encoders)
-    row = next(line for line in table.splitlines() if line.startswith("| cmae |"))
-    assert f"{100 * summary['results']['cmae']['knn_top1']:.2f}%" in row
+    row = next(line for line in table.splitlines() if line.startswith("| maect |"))
+    assert f"{100 * summary['results']['maect']['knn_top1']:.2f}%" in row
     with open(os.path.join(workdir, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -88,7 +90,7 @@ def test_a_second_start_reuses_everything(benchmark_run):
     workdir, _, command = benchmark_run
     before = {
         name: os.path.getmtime(os.path.join(workdir, name, "metrics.jsonl"))
-        for name in ("mae", "cmae")
+        for name in ("mae", "maect/3_tune")
     }
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
