@@ -19,7 +19,8 @@ def cmae_run(small_fashion_mnist, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("cmae_run"))
     config = tiny_config(small_fashion_mnist, total_steps=2)
     config.input.image_size = 32  # an 8x8 grid of 4 px patches: 16 cells of 2x2 patches
-    config.input.mask_type = "block"
+    config.input.master_size = 36  # 32 + the 4 px shift
+    config.input.mask_type, config.input.mask_ratio = "block", 0.65  # CMAE's own masking
     train_cmae.train_and_evaluate(config, workdir)
     return config, workdir
 
