@@ -31,3 +31,25 @@ def encoder_flops(spec: Any, tokens: int, channels: int, depth: int | None = Non
 def mlp_head_flops(widths: list[int]) -> float:
     """Forward FLOPs of one example through Linear layers of the given widths (in, ..., out)."""
     return float(sum(2 * a * b for a, b in itertools.pairwise(widths)))
+
+
+def view_tokens(image_size: int, patch_size: int) -> int:
+    """Tokens of a whole (unmasked) view: its patches and the cls token."""
+    grid = image_size // patch_size
+    return grid * grid + 1
+
+
+def projector_predictor_flops(model: Any) -> tuple[float, float]:
+    """Forward FLOPs of one example through a 3-layer projector (encoder width ->
+    projection_dim) and a 2-layer predictor, the heads of MoCo v3 and MAE-CT: (projector,
+    predictor). `model` has encoder_spec, projector_hidden, predictor_hidden, projection_dim."""
+    width, dim = model.encoder_spec.width, model.projection_dim
+    projector = mlp_head_flops([width, model.projector_hidden, model.projector_hidden, dim])
+    predictor = mlp_head_flops([dim, model.predictor_hidden, dim])
+    return projector, predictor
+
+
+def two_view_update_flops(trained: float, forward_only: float) -> float:
+    """FLOPs of one example's update in a two-view step from one view's forward FLOPs: the
+    trained part runs forward and backward (3x), the rest forward only, each for both views."""
+    return float(2 * (3 * trained + forward_only))

@@ -335,7 +335,7 @@ def test_pipeline_yields_the_declared_columns(small_fashion_mnist):
     config = tiny_config(small_fashion_mnist)
     source = sources.make_source(config.dataset, config.dataset.train_split)
     batch = next(pipeline.train_dataset(config, source, start_step=0).as_numpy_iterator())
-    for column, spec in mocov3.batch_spec(config).items():
+    for column, spec in mocov3.STEP.batch_spec(config).items():
         assert batch[column].shape == (32, *spec.shape) and batch[column].dtype == spec.dtype
     # Two different views of the same images.
     assert not np.allclose(batch["view1"], batch["view2"])
@@ -345,9 +345,9 @@ def test_random_batch_runs_through_the_built_step():
     config = tiny_config("unused")
     parts = mocov3.STEP.build(config, 10, 30)
     state = nn.meta.unbox(parts.init_state(jax.random.key(0)))
-    batch = mocov3.random_batch(config)
+    batch = mocov3.STEP.random_batch(config, 0)
     assert {k: v.shape[1:] for k, v in batch.items()} == {
-        k: v.shape for k, v in mocov3.batch_spec(config).items()
+        k: v.shape for k, v in mocov3.STEP.batch_spec(config).items()
     }
     state, metrics = jax.jit(parts.make_update(None))(state, batch)
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))

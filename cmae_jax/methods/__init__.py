@@ -48,8 +48,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The columns of a two-crop step's views (MoCo v3, MAE-CT stages 2 and 3).
+TWO_VIEWS = ("view1", "view2")
 
 # config.method -> the module defining its METHOD. One line per method.
 REGISTRY: dict[str, str] = {
@@ -132,3 +139,39 @@ def step_for(config: Any) -> Step:
         )
     ((step, _),) = steps.values()
     return step
+
+
+# ------------------------------------------------- Step parts that several methods share
+
+
+def two_view_batch_spec(config: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """batch_spec of a two-crop step: two whole views, label, index."""
+    inp = config.input
+    image = jax.ShapeDtypeStruct((inp.image_size, inp.image_size, inp.channels), jnp.float32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return {**dict.fromkeys(TWO_VIEWS, image), "label": scalar, "index": scalar}
+
+
+def two_crop_views(config: Any) -> Any:
+    """views of a two-crop step: two crops of the whole image (example_views.two_crop_views)."""
+    # TF-free: example_views imports TensorFlow; only the input pipeline calls this.
+    from cmae_jax.data import example_views
+
+    return example_views.two_crop_views(config)
+
+
+def random_batch(
+    config: Any, seed: int = 0, *, views: Sequence[str] = TWO_VIEWS
+) -> dict[str, np.ndarray]:
+    """A global batch of random data for benchmarks: label, index and normal images under
+    each name in `views` (a two-crop step's random_batch as it stands)."""
+    inp = config.input
+    rng = np.random.default_rng(seed)
+    shape = (inp.global_batch_size, inp.image_size, inp.image_size, inp.channels)
+    batch = {
+        "label": rng.integers(0, 10, shape[0]).astype(np.int32),
+        "index": np.arange(shape[0], dtype=np.int32),
+    }
+    for view in views:
+        batch[view] = rng.normal(size=shape).astype(np.float32)
+    return batch

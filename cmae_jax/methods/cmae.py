@@ -487,26 +487,16 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
     """A global batch of batch_spec's columns at random: normal images, real masks."""
     inp = config.input
-    rng = np.random.default_rng(seed)
-    b, size, channels = inp.global_batch_size, inp.image_size, inp.channels
-
-    def images():
-        return rng.normal(size=(b, size, size, channels)).astype(np.float32)
-
-    batch = {
-        "label": rng.integers(0, 10, b).astype(np.int32),
-        "index": np.arange(b, dtype=np.int32),
-    }
-    grid = size // inp.patch_size
+    views = ("online", "target") if inp.target_view else ("online",)
+    batch = methods.random_batch(config, seed, views=views)
+    grid = inp.image_size // inp.patch_size
     keep, _ = mask_sizes.mask_counts(grid, inp)
-    order = np.argsort(rng.random((b, grid * grid)), axis=1).astype(np.int32)
+    # The masks draw from a stream of their own, beside the images' stream of `seed`.
+    rng = np.random.default_rng([seed, 1])
+    order = np.argsort(rng.random((inp.global_batch_size, grid * grid)), axis=1).astype(np.int32)
     batch.update(
-        online=images(),
-        ids_keep=np.sort(order[:, :keep], axis=1),
-        ids_mask=np.sort(order[:, keep:], axis=1),
+        ids_keep=np.sort(order[:, :keep], axis=1), ids_mask=np.sort(order[:, keep:], axis=1)
     )
-    if inp.target_view:
-        batch["target"] = images()
     return batch
 
 

@@ -47,7 +47,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -404,7 +403,7 @@ def train_stage(
     task = loop.Task(
         init_state=make_init_state(model, tx, config, stage),
         train_step=make_train_step(model, config, stage_name, stage, tx, schedules),
-        batch_keys=("view1", "view2", "label", "index"),
+        batch_keys=(*methods.TWO_VIEWS, "label", "index"),
         start_fresh=start_fresh,
         log_line=lambda m: (
             f"loss {m['loss']:.4f} | NN acc {m['nn_accuracy']:.3f} | "
@@ -608,22 +607,6 @@ def _stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config.stages[STAGE_SECTIONS[config.stage]]
 
 
-def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """One example's columns in stages 2 and 3: two views, label, index."""
-    inp = config.input
-    image = jax.ShapeDtypeStruct((inp.image_size, inp.image_size, inp.channels), jnp.float32)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    return {"view1": image, "view2": image, "label": scalar, "index": scalar}
-
-
-def views(config: ml_collections.ConfigDict) -> Any:
-    """Two crops of the whole image (cmae_jax.data.example_views.two_crop_views)."""
-    # TF-free: example_views imports TensorFlow; only the input pipeline calls this.
-    from cmae_jax.data import example_views
-
-    return example_views.two_crop_views(config)
-
-
 def build(
     config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
 ) -> methods.StepParts:
@@ -648,9 +631,7 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     stage = _stage(config)
     model = maect_model.build_model(config.model, config.input, config.maect)
     spec = model.encoder_spec
-    grid = config.input.image_size // spec.patch_size
-    tokens = grid * grid + 1
-    batch = config.input.global_batch_size
+    tokens = flops.view_tokens(config.input.image_size, spec.patch_size)
     dim = model.projection_dim
     channels = config.input.channels
     if stage.freeze_encoder:
@@ -658,40 +639,20 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     else:
         frozen = flops.encoder_flops(spec, tokens, channels, depth=stage.frozen_blocks)
         trained = flops.encoder_flops(spec, tokens, channels) - frozen
-    projector = flops.mlp_head_flops(
-        [spec.width, model.projector_hidden, model.projector_hidden, dim]
-    )
-    predictor = flops.mlp_head_flops([dim, model.predictor_hidden, dim])
-    trained += projector + predictor + 2 * batch * dim  # one logits row per view
+    projector, predictor = flops.projector_predictor_flops(model)
+    trained += projector + predictor + 2 * config.input.global_batch_size * dim  # a row a view
     forward_only = frozen + 2 * config.maect.queue_size * dim
     if stage.ema_momentum > 0:
         forward_only += projector
-    return float(2 * (3 * trained + forward_only))
-
-
-def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-    """A global batch of batch_spec's columns at random (normal images)."""
-    inp = config.input
-    rng = np.random.default_rng(seed)
-    b, size, channels = inp.global_batch_size, inp.image_size, inp.channels
-
-    def images():
-        return rng.normal(size=(b, size, size, channels)).astype(np.float32)
-
-    return {
-        "label": rng.integers(0, 10, b).astype(np.int32),
-        "index": np.arange(b, dtype=np.int32),
-        "view1": images(),
-        "view2": images(),
-    }
+    return flops.two_view_update_flops(trained, forward_only)
 
 
 CONTRASTIVE_STEP = methods.Step(
-    batch_spec=batch_spec,
-    views=views,
+    batch_spec=methods.two_view_batch_spec,
+    views=methods.two_crop_views,
     build=build,
     flops_per_example=flops_per_example,
-    random_batch=random_batch,
+    random_batch=methods.random_batch,
 )
 
 

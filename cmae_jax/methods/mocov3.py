@@ -37,7 +37,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from cmae_jax import ema, flops, loop, losses, methods, optim, param_groups, train_state
@@ -47,7 +46,7 @@ from cmae_jax.models import mocov3 as mocov3_model
 
 # The parts of the online parameters that the momentum branch copies.
 MOMENTUM_KEYS = ("encoder", "projector")
-VIEWS = ("view1", "view2")
+VIEWS = methods.TWO_VIEWS
 TWO_CROP_VIEWS = ("two_crops", "two_crops_aug")
 
 # BYOL's two views as the official main_moco.py: RandomResizedCrop (config.input.crop_scale)
@@ -59,7 +58,6 @@ BYOL_VIEW_AUGMENT = dict(
     blur_sigma=(0.1, 2.0),
     solarize_prob=(0.0, 0.2),
 )
-
 
 # -------------------------------------------------------------------- Config
 
@@ -313,22 +311,6 @@ def train_and_evaluate(
 # -------------------------------------------------------------------- The registry entry
 
 
-def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """One example's columns: two views, label, index."""
-    inp = config.input
-    image = jax.ShapeDtypeStruct((inp.image_size, inp.image_size, inp.channels), jnp.float32)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    return {"view1": image, "view2": image, "label": scalar, "index": scalar}
-
-
-def views(config: ml_collections.ConfigDict) -> Any:
-    """Two crops of the whole image, BYOL-augmented (example_views.two_crop_views)."""
-    # TF-free: example_views imports TensorFlow; only the input pipeline calls this.
-    from cmae_jax.data import example_views
-
-    return example_views.two_crop_views(config)
-
-
 def build(
     config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
 ) -> methods.StepParts:
@@ -349,41 +331,24 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     """
     model = mocov3_model.build_model(config.model, config.input, config.mocov3)
     spec = model.encoder_spec
-    grid = config.input.image_size // spec.patch_size
-    tokens = grid * grid + 1
+    tokens = flops.view_tokens(config.input.image_size, spec.patch_size)
     channels = config.input.channels
-    dim = model.projection_dim
     encoder = flops.encoder_flops(spec, tokens, channels)
     embedding = flops.encoder_flops(spec, tokens, channels, depth=0)
-    projector = flops.mlp_head_flops(
-        [spec.width, model.projector_hidden, model.projector_hidden, dim]
-    )
-    predictor = flops.mlp_head_flops([dim, model.predictor_hidden, dim])
+    projector, predictor = flops.projector_predictor_flops(model)
     frozen = embedding if config.mocov3.frozen_patch_projection else 0.0
     trained = encoder - frozen + projector + predictor
-    trained += 2 * config.input.global_batch_size * dim  # one logits row per view
+    trained += 2 * config.input.global_batch_size * model.projection_dim  # a logits row a view
     momentum = encoder + projector
-    return float(2 * (3 * trained + frozen + momentum))
-
-
-def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-    """A global batch of batch_spec's columns at random (normal images)."""
-    inp = config.input
-    rng = np.random.default_rng(seed)
-    shape = (inp.global_batch_size, inp.image_size, inp.image_size, inp.channels)
-    return {
-        "label": rng.integers(0, 10, shape[0]).astype(np.int32),
-        "index": np.arange(shape[0], dtype=np.int32),
-        **{view: rng.normal(size=shape).astype(np.float32) for view in VIEWS},
-    }
+    return flops.two_view_update_flops(trained, frozen + momentum)
 
 
 STEP = methods.Step(
-    batch_spec=batch_spec,
-    views=views,
+    batch_spec=methods.two_view_batch_spec,
+    views=methods.two_crop_views,  # BYOL-augmented with config.input.views 'two_crops_aug'
     build=build,
     flops_per_example=flops_per_example,
-    random_batch=random_batch,
+    random_batch=methods.random_batch,
 )
 
 METHOD = methods.Method(
