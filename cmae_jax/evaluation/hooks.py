@@ -44,6 +44,23 @@ def encoder_params(state: Any) -> dict[str, Any]:
     return {"": state.params}
 
 
+def _each_encoder(params_of: ParamsOf, evaluate: Callable[[Any], Scalars], tail: str) -> HookFn:
+    """A hook that runs `evaluate` (params -> metrics) on every encoder of the state; metric
+    names get the encoder's suffix and `tail`, the log the metrics and the seconds taken."""
+
+    def hook(step: int, state: Any) -> Scalars:
+        scalars: Scalars = {}
+        for suffix, params in params_of(state).items():
+            start = time.time()
+            metrics = evaluate(params)
+            metrics = {f"{k}{suffix}{tail}": v for k, v in metrics.items()}
+            logging.info("step %d | %s in %.0f s", step, metrics, time.time() - start)
+            scalars.update(metrics)
+        return scalars
+
+    return hook
+
+
 def _periodic(
     name: str,
     entry: ml_collections.ConfigDict,
@@ -62,19 +79,13 @@ def _periodic(
     context = protocols.Context.for_training(config, mesh, embed, subset=entry.subset)
     runs = [protocols.make(name, context) for name in entry.protocols]
 
-    def evaluate(step: int, state: Any) -> Scalars:
-        scalars: Scalars = {}
-        for suffix, params in params_of(state).items():
-            start = time.time()
-            metrics: Scalars = {}
-            for run in runs:
-                metrics.update(run(params))
-            metrics = {f"{k}{suffix}_subset": v for k, v in metrics.items()}
-            logging.info("step %d | %s in %.0f s", step, metrics, time.time() - start)
-            scalars.update(metrics)
-        return scalars
+    def evaluate(params: Any) -> Scalars:
+        metrics: Scalars = {}
+        for run in runs:
+            metrics.update(run(params))
+        return metrics
 
-    return evaluate
+    return _each_encoder(params_of, evaluate, "_subset")
 
 
 def _knn(
@@ -87,24 +98,7 @@ def _knn(
 ) -> HookFn:
     del name, entry  # the k-NN's parameters are config.eval's, as the evaluation command's
     knn = protocols.make("knn", protocols.Context.for_training(config, mesh, embed))
-
-    def evaluate(step: int, state: Any) -> Scalars:
-        del step
-        scalars: Scalars = {}
-        for suffix, params in params_of(state).items():
-            start = time.time()
-            top1 = knn(params)["knn_top1"]
-            scalars[f"knn_top1{suffix}"] = top1
-            logging.info(
-                "k-NN%s (k=%d) top-1 %.4f in %.0f s",
-                suffix,
-                config.eval.knn_k,
-                top1,
-                time.time() - start,
-            )
-        return scalars
-
-    return evaluate
+    return _each_encoder(params_of, knn, "")
 
 
 BUILDERS = {"periodic": _periodic, "knn": _knn}
