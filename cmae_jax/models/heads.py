@@ -6,8 +6,10 @@ NNCLR projector:  MLPHead(2048, 256, num_layers=3, hidden_bias=False, last_bn=Tr
                           torch_init=True)
 NNCLR predictor:  MLPHead(4096, 256, hidden_bias=False, torch_init=True)  (no bias anywhere)
 MoCo v3 projector: MLPHead(4096, 256, num_layers=3, hidden_bias=False, last_bn=True,
-                           last_bn_affine=False)
-MoCo v3 predictor: MLPHead(4096, 256, hidden_bias=False, last_bn=True, last_bn_affine=False)
+                           last_bn_affine=False, torch_init=True)
+MoCo v3 predictor: MLPHead(4096, 256, hidden_bias=False, last_bn=True, last_bn_affine=False,
+                           torch_init=True)
+(the NNCLR and MoCo v3 pairs: projector_and_predictor)
 
 The CMAE heads follow the MAE family's init (xavier-uniform kernels, zero biases); the
 official MAE-CT heads keep torch.nn.Linear's default, which `torch_init` reproduces.
@@ -106,3 +108,38 @@ class MLPHead(nn.Module):
         if self.last_bn:
             x = self._batch_norm(train, "proj", f"bn_{last}", self.last_bn_affine)(x)
         return nn.with_logical_constraint(x, ("batch", None))
+
+
+def projector_and_predictor(
+    projector_hidden: int,
+    predictor_hidden: int,
+    projection_dim: int,
+    *,
+    predictor_last_bn: bool,
+    last_bn_affine: bool = True,
+    in_axes: tuple[str | None, str | None] = (None, None),
+) -> tuple[MLPHead, MLPHead]:
+    """The two-view heads of MAE-CT (NNCLR) and MoCo v3: a 3-layer projector ending in a
+    BatchNorm and a 2-layer predictor, no hidden biases, torch.nn.Linear's init, float32
+    whatever the encoder's dtype (BatchNorm, temperature-scaled logits). `in_axes`: the
+    logical names of the projector's and the predictor's input features."""
+    projector = MLPHead(
+        projector_hidden,
+        projection_dim,
+        num_layers=3,
+        hidden_bias=False,
+        last_bn=True,
+        last_bn_affine=last_bn_affine,
+        in_axis=in_axes[0],
+        torch_init=True,
+    )
+    predictor = MLPHead(
+        predictor_hidden,
+        projection_dim,
+        hidden_bias=False,
+        last_bn=predictor_last_bn,
+        last_bn_affine=last_bn_affine,
+        in_axis=in_axes[1],
+        torch_init=True,
+    )
+    return projector, predictor

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 
 from cmae_jax.models.encoder_spec import EncoderSpec
-from cmae_jax.models.heads import MLPHead
+from cmae_jax.models.heads import projector_and_predictor
 
 POOLINGS = ("cls", "mean")
 
@@ -41,17 +41,11 @@ class MAECT(nn.Module):
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}.")
         self.encoder = self.encoder_spec.encoder()
-        # The heads run in float32 whatever `dtype` is (BatchNorm, temperature-scaled logits).
-        self.projector = MLPHead(
+        self.projector, self.predictor = projector_and_predictor(
             self.projector_hidden,
+            self.predictor_hidden,
             self.projection_dim,
-            num_layers=3,
-            hidden_bias=False,
-            last_bn=True,
-            torch_init=True,
-        )
-        self.predictor = MLPHead(
-            self.predictor_hidden, self.projection_dim, hidden_bias=False, torch_init=True
+            predictor_last_bn=False,
         )
 
     def pool(self, images: jax.Array) -> jax.Array:

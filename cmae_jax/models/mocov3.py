@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from cmae_jax.models.encoder_spec import EncoderSpec
-from cmae_jax.models.heads import MLPHead
+from cmae_jax.models.heads import projector_and_predictor
 
 
 class MoCoV3(nn.Module):
@@ -37,25 +37,13 @@ class MoCoV3(nn.Module):
 
     def setup(self):
         self.encoder = self.encoder_spec.encoder()
-        # The heads run in float32 whatever `dtype` is (BatchNorm, temperature-scaled logits).
-        self.projector = MLPHead(
+        self.projector, self.predictor = projector_and_predictor(
             self.projector_hidden,
-            self.projection_dim,
-            num_layers=3,
-            hidden_bias=False,
-            last_bn=True,
-            last_bn_affine=False,
-            in_axis="embed",
-            torch_init=True,
-        )
-        self.predictor = MLPHead(
             self.predictor_hidden,
             self.projection_dim,
-            hidden_bias=False,
-            last_bn=True,
+            predictor_last_bn=True,
             last_bn_affine=False,
-            in_axis="proj",
-            torch_init=True,
+            in_axes=("embed", "proj"),
         )
 
     def project(self, images: jax.Array, train: bool) -> jax.Array:
