@@ -218,6 +218,17 @@ def set_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         config.mesh.data, config.mesh.fsdp = 1, -1
 
 
+# BYOL's two views as the official MoCo v3 main_moco.py and MAE-CT's "_aug" configs:
+# RandomResizedCrop + flip, colour jitter p 0.8, grayscale p 0.2, blur p 1.0 / 0.1, solarize
+# p 0.0 / 0.2 (view 1 / view 2).
+BYOL_VIEW_AUGMENT = dict(
+    color_jitter=dict(prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
+    grayscale_prob=0.2,
+    blur_prob=(1.0, 0.1),
+    blur_sigma=(0.1, 2.0),
+    solarize_prob=(0.0, 0.2),
+)
+
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
@@ -442,13 +453,7 @@ def _contrastive_stage(
             global_batch_size=batch,
             views=views,  # 'two_crops', or 'two_crops_aug': the "_aug" views (BYOL colour ops)
             crop_scale=(0.08, 1.0),
-            view_augment=dict(
-                color_jitter=dict(prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
-                grayscale_prob=0.2,
-                blur_prob=(1.0, 0.1),
-                blur_sigma=(0.1, 2.0),
-                solarize_prob=(0.0, 0.2),
-            ),
+            view_augment=BYOL_VIEW_AUGMENT,
         )
     )
     epochs_ref = stage.get_ref("num_epochs")

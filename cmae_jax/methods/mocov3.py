@@ -41,6 +41,7 @@ import optax
 
 from cmae_jax import ema, flops, loop, losses, methods, optim, param_groups, train_state
 from cmae_jax.config_checks import ConfigError, require
+from cmae_jax.config_defaults import BYOL_VIEW_AUGMENT
 from cmae_jax.evaluation import knn
 from cmae_jax.models import mocov3 as mocov3_model
 
@@ -48,16 +49,6 @@ from cmae_jax.models import mocov3 as mocov3_model
 MOMENTUM_KEYS = ("encoder", "projector")
 VIEWS = methods.TWO_VIEWS
 TWO_CROP_VIEWS = ("two_crops", "two_crops_aug")
-
-# BYOL's two views as the official main_moco.py: RandomResizedCrop (config.input.crop_scale)
-# + flip, colour jitter p 0.8, grayscale p 0.2, blur p 1.0 / 0.1, solarize p 0.0 / 0.2.
-BYOL_VIEW_AUGMENT = dict(
-    color_jitter=dict(prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
-    grayscale_prob=0.2,
-    blur_prob=(1.0, 0.1),
-    blur_sigma=(0.1, 2.0),
-    solarize_prob=(0.0, 0.2),
-)
 
 # -------------------------------------------------------------------- Config
 
