@@ -393,8 +393,13 @@ def train_stage(
             )
 
         state = loop.update_in_place(hand_off, state, params, batch_stats)
-        # Queue hand-off: stage 3 starts with stage 2's queue.
-        queue = load_queue(init_from, jax.eval_shape(lambda: state.queue))
+        # Queue hand-off: stage 3 starts with stage 2's queue, restored into the fresh
+        # queue's shardings (on none, the first step would compile for other input types
+        # than every later step, and the step would compile twice).
+        abstract_queue = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.queue
+        )
+        queue = load_queue(init_from, abstract_queue)
         if queue is not None:
             state = state.replace(queue=queue)
         return state
