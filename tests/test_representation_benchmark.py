@@ -15,6 +15,25 @@ METHODS = ("mae", "maect")
 EVAL_FOLDERS = {"raw pixels": "pixels", "random init": "random", **{m: m for m in METHODS}}
 
 
+# test_train.tiny_config's encoder, decoder and heads on the demo's 28 px views in 7 px
+# patches, for the pretrainings and every evaluated encoder alike (random init included):
+# the outputs, not the numbers, are under test here, and compile time is what the runs spend.
+TINY_MODEL = (
+    "model.width=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.pixel_decoder_width=32",
+    "model.pixel_decoder_depth=1",
+    "model.pixel_decoder_heads=2",
+)
+TINY_HEADS = (
+    "maect.projector_hidden=32",
+    "maect.predictor_hidden=32",
+    "maect.projection_dim=16",
+    "stages.tune.frozen_blocks=1",  # of the 2 blocks
+)
+
+
 @pytest.fixture(scope="module")
 def benchmark_run(small_fashion_mnist, tmp_path_factory):
     """The benchmark at 2 steps per run on the small IDX folder; (workdir, stdout, command)."""
@@ -33,7 +52,9 @@ def benchmark_run(small_fashion_mnist, tmp_path_factory):
         "--set=stages.head.input.global_batch_size=64",
         "--set=stages.tune.input.global_batch_size=64",
         "--set=maect.queue_size=128",
+        *(f"--set={key}" for key in TINY_MODEL + TINY_HEADS),
         f"--eval_set={data}",
+        *(f"--eval_set={key}" for key in TINY_MODEL),
         "--eval_set=eval.batch_size=64",
         "--eval_set=linear_probe.num_epochs=1",
         "--eval_set=low_shot.shots=(1,5)",
@@ -41,6 +62,7 @@ def benchmark_run(small_fashion_mnist, tmp_path_factory):
         "--eval_set=low_shot.seeds=(0,)",
         "--eval_set=low_shot.num_steps=10",
         "--eval_set=clustering.num_init=1",
+        "--eval_set=clustering.num_iters=10",
     ]
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
