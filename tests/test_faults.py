@@ -303,12 +303,9 @@ def cli_setup(small_fashion_mnist, tmp_path_factory):
     config_file.write_text(
         CONFIG_FILE.format(tests=os.path.join(REPO, "tests"), idx=small_fashion_mnist, steps=STEPS)
     )
-    # One compilation for the seven starts of this module.
-    env = dict(
-        os.environ,
-        JAX_COMPILATION_CACHE_DIR=str(folder / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
+    # One compilation for the six starts of this module: the session's compilation cache
+    # (conftest's shared_compilation_cache, in os.environ) reaches every start.
+    env = dict(os.environ)
     reference = str(folder / "reference")
     out = subprocess.run(cli(config_file, reference), cwd=REPO, env=env, capture_output=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -330,18 +327,16 @@ def test_kills_and_sigterm_then_resume_equal_an_uninterrupted_run(cli_setup, tmp
     config_file, env, reference = cli_setup
     workdir = str(tmp_path / "run")
     command = cli(config_file, workdir)
-    first, third = sorted(random.Random(0).sample(range(3, STEPS - 8), 2))
+    first = random.Random(0).randrange(3, STEPS - 8)
     # kill -9 at a random step.
     assert run_until(command, lambda: newest_logged_step(workdir) >= first, env)
-    # kill -9 while a checkpoint is being written (its temporary folder exists).
+    # kill -9 while a checkpoint is being written (its temporary folder exists), after the
+    # resumed run logged a step of its own: the second kill of a resumed run.
     resumed_at = newest_logged_step(workdir)
     assert run_until(
         command, lambda: newest_logged_step(workdir) > resumed_at and saving_now(workdir), env
     )
     assert saving_now(workdir), "the kill missed the checkpoint write"
-    # kill -9 at another random step, after the resumed run passed it.
-    target = max(third, newest_logged_step(workdir) + 2)
-    assert run_until(command, lambda: newest_logged_step(workdir) >= target, env)
     # SIGTERM: a checkpoint at the next step, a clean exit and the message.
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
