@@ -242,12 +242,26 @@ TINY = [
     "--config.input.image_size=16",
     "--config.input.patch_size=4",
     "--config.model.variant=Mu/4",
+    # test_train.tiny_config's sizes: what runs is under test here, not its speed.
+    "--config.model.width=32",
+    "--config.model.depth=2",
+    "--config.model.num_heads=2",
+    "--config.model.pixel_decoder_width=32",
+    "--config.model.pixel_decoder_depth=1",
+    "--config.model.pixel_decoder_heads=2",
 ]
 
 
 @pytest.mark.parametrize(
     "config, extra",
-    [("configs/fashion_mnist_cmae.py", []), ("configs/fashion_mnist_maect.py", ["--stage=3_tune"])],
+    [
+        ("configs/fashion_mnist_cmae.py", []),
+        # Stage 3 freezes the first of the 2 blocks (its own default: half of Mu's 4).
+        (
+            "configs/fashion_mnist_maect.py",
+            ["--stage=3_tune", "--config.stages.tune.frozen_blocks=1"],
+        ),
+    ],
     ids=["cmae", "maect_stage3"],
 )
 def test_the_train_step_benchmark_runs_without_tensorflow(config, extra):
