@@ -533,13 +533,15 @@ def fashion_mnist_maect_config() -> ml_collections.ConfigDict:
         stage.input.global_batch_size = 256
         stage.input.crop_scale = (0.2, 1.0)
     config.stages.head.num_epochs = 1
-    config.stages.tune.num_epochs = 2
+    # 6 tuning epochs: from the 5-epoch MAE (80.09%), 2 gave 81.20% and 6 gave 82.31% k-NN
+    # (README "Does it learn?"); the stage costs 3.1x the MAE step per image.
+    config.stages.tune.num_epochs = 6
     # Higher base lrs for a schedule of a few hundred steps (as the MAE demo's 1e-3).
     config.stages.head.head_optimizer.base_lr = 5e-4
     config.stages.tune.head_optimizer.base_lr = 5e-4
     config.stages.tune.optimizer.base_lr = 2.5e-4
     # The official 0.9999 averages over 10,000 steps, 40% of ViT-B's 25,020 tuning steps;
-    # 0.995 (200 steps) keeps that share of this stage's 468 (0.9999 would leave the EMA
-    # encoder within 5% of where stage 3 started).
+    # 0.995 averages over 200 (14% of this stage's 1,404; measured: the EMA encoder 82.31%,
+    # the raw one 82.25%). 0.9999 would leave the EMA encoder near where stage 3 started.
     config.stages.tune.encoder_ema_momentum = 0.995
     return config

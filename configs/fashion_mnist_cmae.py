@@ -3,11 +3,11 @@ r"""CMAE on real Fashion-MNIST with a CPU-sized ViT: the embedded default demo.
 Command (after `pip install -r requirements.txt -e .` and Debian's dataset-fashion-mnist):
   python -m cmae_jax.main --config=configs/fashion_mnist_cmae.py --workdir=workdirs/fmnist_cmae
 
-Hardware: 2 CPU cores are enough. Expected: about 14 minutes in all on 2 idle cores whose
-XLA float32 matmul reaches about 220 GFLOP/s (scale by your machine's rate: `python
-benchmarks/train_step.py` prints it), ending with a line `k-NN top-1: NN.NN%`
-(81.42% measured here on 2026-12-02; README "What the demo measures"). The time was
-measured alone at contrastive weight 1 (13 min 38 s, 81.17%): the step costs the same.
+Hardware: 2 CPU cores are enough. Measured on 2026-12-02, alone on 2 idle cores whose XLA
+float32 matmul reaches 416-452 GFLOP/s (scale by your machine's rate: `python
+benchmarks/train_step.py` prints it): 5 min 55 s in all, ending with the line
+`k-NN top-1: 80.93%` (README "What the demo measures"). A machine at half that rate (the
+earlier sessions', 214-230 GFLOP/s) took 13 min 38 s for the same step.
 
 Departures from the ImageNet recipe, all for size and for a 5-epoch run:
   * native 28 px images in 7 px patches (a 4x4 grid of 16 tokens) and a 32 px master crop
