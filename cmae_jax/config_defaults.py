@@ -60,6 +60,11 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.input.grayscale_prob = 0.2
     config.input.blur_prob = 0.5
     config.input.blur_sigma = (0.1, 2.0)
+    # Random erasing of the target view (torchvision RandomErasing, filled with the mean):
+    # not in the CMAE recipe (probability 0); a lever of the small-data study.
+    config.input.erase_prob = 0.0
+    config.input.erase_scale = (0.02, 0.33)
+    config.input.erase_ratio = (0.3, 3.3)
     config.input.mean = IMAGENET_MEAN
     config.input.std = IMAGENET_STD
     # Set by the method's defaults: CMAE's official masking, 2x2-patch cells, 35% of the

@@ -50,6 +50,7 @@ def validate(
         f"config.input.mean/std have {len(inp.mean)}/{len(inp.std)} values for "
         f"config.input.channels={inp.channels}; give one per channel.",
     )
+    _validate_view_augmentations(inp)
 
     batch = inp.global_batch_size
     require(batch > 0, f"config.input.global_batch_size={batch} must be positive.")
@@ -94,6 +95,36 @@ def validate(
     )
     if check_data:
         _validate_data(config)
+
+
+def _validate_view_augmentations(inp: ml_collections.ConfigDict) -> None:
+    jitter = inp.get("color_jitter") or {}
+    probabilities = {
+        "color_jitter.prob": jitter.get("prob"),
+        "grayscale_prob": inp.get("grayscale_prob"),
+        "blur_prob": inp.get("blur_prob"),
+        "erase_prob": inp.get("erase_prob"),
+    }
+    for key, value in probabilities.items():
+        if value is None:
+            continue
+        require(
+            0.0 <= value <= 1.0,
+            f"config.input.{key}={value} is a probability; give a value in [0, 1].",
+        )
+    if inp.get("erase_prob", 0.0) > 0:
+        low, high = inp.erase_scale
+        require(
+            0.0 < low <= high < 1.0,
+            f"config.input.erase_scale={tuple(inp.erase_scale)} must be fractions of the "
+            "view's area with 0 < low <= high < 1, e.g. (0.02, 0.33).",
+        )
+        low, high = inp.erase_ratio
+        require(
+            0.0 < low <= high,
+            f"config.input.erase_ratio={tuple(inp.erase_ratio)} must be aspect ratios with "
+            "0 < low <= high, e.g. (0.3, 3.3).",
+        )
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:

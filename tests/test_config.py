@@ -51,6 +51,8 @@ def test_the_demo_config_is_valid(small_fashion_mnist):
         ("model.dtype", "float16", "config.model.dtype"),
         ("loss.temperature", 0.0, "config.loss.temperature=0.0 must be > 0"),
         ("input.target_view", False, "needs the target view"),
+        ("input.blur_prob", 1.5, "config.input.blur_prob=1.5 is a probability"),
+        ("input.erase_prob", -0.1, "config.input.erase_prob=-0.1 is a probability"),
         ("mesh.fsdp", 3, "config.mesh="),
         ("logical_axis_rules", (("embed", "model"),), "names mesh axis 'model'"),
     ],
@@ -62,6 +64,18 @@ def test_config_errors_name_the_key(small_fashion_mnist, key, value, message):
     with pytest.raises(ConfigError) as error:
         config_validation.validate(config, num_devices=8)
     assert message in str(error.value)
+
+
+def test_erasing_boxes_are_checked_only_when_erasing_is_on(small_fashion_mnist):
+    config = valid_config(small_fashion_mnist)
+    config.input.erase_scale = (0.0, 1.0)
+    config_validation.validate(config, num_devices=8)  # erase_prob 0: the box is not used
+    config.input.erase_prob = 0.25
+    with pytest.raises(ConfigError, match=r"config\.input\.erase_scale=\(0\.0, 1\.0\)"):
+        config_validation.validate(config, num_devices=8)
+    config.input.erase_scale, config.input.erase_ratio = (0.02, 0.33), (3.0, 0.3)
+    with pytest.raises(ConfigError, match=r"config\.input\.erase_ratio=\(3\.0, 0\.3\)"):
+        config_validation.validate(config, num_devices=8)
 
 
 def test_a_block_size_that_does_not_tile_the_grid_is_refused(small_fashion_mnist):

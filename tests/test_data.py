@@ -406,6 +406,43 @@ def test_gaussian_blur_matches_numpy():
     assert views.blur_kernel_size(224) == 23 and views.blur_kernel_size(32) == 3
 
 
+def test_random_erasing_fills_one_box_inside_the_view_with_the_mean():
+    cfg = make_config(channels=3, colour=False).input
+    cfg.update(erase_prob=1.0, erase_scale=(0.02, 0.33), erase_ratio=(0.3, 3.3))
+    size = 32
+    # No pixel of the image equals the fill (the mean, 0.5), so the box is exactly the change.
+    image = np.random.default_rng(8).uniform(0.6, 1.0, (size, size, 3)).astype(np.float32)
+    # Traced once per probability, as in the input pipeline (eager TF costs 50 ms a call).
+    augment = tf.function(lambda seed: views.target_augment(tf.constant(image), seed, cfg))
+    tops, bottoms = [], []
+    for i in range(200):
+        out = augment(seed_of(i)).numpy()
+        changed = np.any(out != image, axis=-1)
+        rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+        h, w = len(rows), len(cols)
+        assert h > 0, "erase_prob 1 erased nothing"
+        # One solid rectangle, filled with the mean, strictly smaller than the view.
+        assert np.ptp(rows) == h - 1 and np.ptp(cols) == w - 1 and changed.sum() == h * w
+        np.testing.assert_array_equal(out[changed], 0.5)
+        assert h < size and w < size
+        # Area 2-33% of the view and aspect 0.3-3.3, up to the rounding of h and w.
+        assert 0.02 * size**2 * 0.7 <= h * w <= 0.33 * size**2 * 1.15
+        assert 0.3 / 1.3 <= h / w <= 3.3 * 1.3
+        tops.append(rows[0])
+        bottoms.append(rows[-1])
+    # torch.randint(0, H - h + 1): the box reaches both edges.
+    assert min(tops) == 0 and max(bottoms) == size - 1
+    # The probability, and erase_prob 0 leaves the view bit for bit.
+    cfg.erase_prob = 0.5
+    augment = tf.function(lambda seed: views.target_augment(tf.constant(image), seed, cfg))
+    erased = sum(not np.array_equal(augment(seed_of(i)).numpy(), image) for i in range(200))
+    assert 70 <= erased <= 130
+    cfg.erase_prob = 0.0
+    np.testing.assert_array_equal(
+        views.target_augment(tf.constant(image), seed_of(0), cfg).numpy(), image
+    )
+
+
 def test_eval_view():
     image = np.random.default_rng(6).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     same = views.eval_view(tf.constant(image), 16).numpy()

@@ -35,7 +35,16 @@ import tensorflow as tf
 
 # Sub-seed tags: each random decision of a view draws from its own stream.
 _CROP, _FLIP, _SHIFT, _COLOR = 0, 1, 2, 3
-_JITTER_APPLY, _JITTER_FACTORS, _JITTER_ORDER, _GRAY, _BLUR_APPLY, _BLUR_SIGMA = range(6)
+(
+    _JITTER_APPLY,
+    _JITTER_FACTORS,
+    _JITTER_ORDER,
+    _GRAY,
+    _BLUR_APPLY,
+    _BLUR_SIGMA,
+    _ERASE_APPLY,
+    _ERASE_BOX,
+) = range(8)
 
 
 def _fold(seed: tf.Tensor, tag: int) -> tf.Tensor:
@@ -184,7 +193,7 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Te
 
 
 def target_augment(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tf.Tensor:
-    """Colour jitter, grayscale and blur of the target view (CMAE/BYOL), [0, 1] floats."""
+    """Colour jitter, grayscale, blur and erasing of the target view (CMAE/BYOL), [0, 1] floats."""
     jitter = cfg.color_jitter
     if jitter.prob > 0:
         image = tf.cond(
@@ -209,7 +218,72 @@ def target_augment(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tf.Tensor:
             lambda: gaussian_blur(image, sigma, kernel_size),
             lambda: image,
         )
+    erase_prob = cfg.get("erase_prob", 0.0)
+    if erase_prob > 0:
+        image = tf.cond(
+            _uniform(_fold(seed, _ERASE_APPLY), []) < erase_prob,
+            lambda: random_erase(
+                image,
+                _fold(seed, _ERASE_BOX),
+                tuple(cfg.erase_scale),
+                tuple(cfg.erase_ratio),
+                tuple(cfg.mean),
+            ),
+            lambda: image,
+        )
     return image
+
+
+def random_erase_box(
+    seed: tf.Tensor,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    num_tries: int = 10,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """A box (y, x, h, w) to erase, as torchvision RandomErasing.get_params; h = 0: none."""
+    area = float(height * width)
+    erase_area = area * _uniform(_fold(seed, 0), [num_tries], scale[0], scale[1])
+    log_ratio = _uniform(_fold(seed, 1), [num_tries], math.log(ratio[0]), math.log(ratio[1]))
+    aspect = tf.exp(log_ratio)
+    h = tf.cast(tf.round(tf.sqrt(erase_area * aspect)), tf.int32)
+    w = tf.cast(tf.round(tf.sqrt(erase_area / aspect)), tf.int32)
+    # torchvision's loop takes the first try that fits strictly inside, else erases nothing.
+    ok = (h < height) & (w < width)
+    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
+    any_ok = tf.reduce_any(ok)
+    h_box = tf.where(any_ok, h[first], 0)
+    w_box = tf.where(any_ok, w[first], 0)
+    # torch.randint(0, n - h + 1): uniform integer in [0, n - h].
+    y = tf.cast(
+        tf.floor(_uniform(_fold(seed, 2), []) * tf.cast(height - h_box + 1, tf.float32)), tf.int32
+    )
+    x = tf.cast(
+        tf.floor(_uniform(_fold(seed, 3), []) * tf.cast(width - w_box + 1, tf.float32)), tf.int32
+    )
+    return tf.minimum(y, height - h_box), tf.minimum(x, width - w_box), h_box, w_box
+
+
+def random_erase(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    fill: tuple[float, ...],
+) -> tf.Tensor:
+    """Fills one random box of an [H, W, C] [0, 1] image with `fill` (RandomErasing).
+
+    torchvision erases after Normalize with value 0, i.e. with the dataset mean; the views
+    here are not normalised yet, so the box gets the mean itself.
+    """
+    height, width, channels = image.shape
+    y, x, h, w = random_erase_box(seed, height, width, scale, ratio)
+    rows = tf.range(height)[:, None]
+    cols = tf.range(width)[None, :]
+    inside = (rows >= y) & (rows < y + h) & (cols >= x) & (cols < x + w)
+    fill_value = tf.broadcast_to(tf.constant(fill, tf.float32), [channels])
+    return tf.where(inside[:, :, None], fill_value, image)
 
 
 def master_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, cfg: Any) -> tf.Tensor:
