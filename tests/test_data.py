@@ -441,6 +441,11 @@ def test_random_erasing_fills_one_box_inside_the_view_with_the_mean():
     np.testing.assert_array_equal(
         views.target_augment(tf.constant(image), seed_of(0), cfg).numpy(), image
     )
+    # A grey view for a colour encoder (repeated later) is filled with the channels' mean.
+    cfg.update(erase_prob=1.0, mean=(0.2, 0.3, 0.7))
+    grey = views.target_augment(tf.constant(image[..., :1]), seed_of(0), cfg).numpy()
+    assert grey.shape == (size, size, 1) and (grey != image[..., :1]).any()
+    np.testing.assert_allclose(grey[grey != image[..., :1]], 0.4, rtol=1e-6)
 
 
 def test_eval_view():

@@ -275,9 +275,12 @@ def random_erase(
     """Fills one random box of an [H, W, C] [0, 1] image with `fill` (RandomErasing).
 
     torchvision erases after Normalize with value 0, i.e. with the dataset mean; the views
-    here are not normalised yet, so the box gets the mean itself.
+    here are not normalised yet, so the box gets the mean itself. A grey image that a
+    colour encoder will see repeated gets the channels' average.
     """
     height, width, channels = image.shape
+    if len(fill) != channels:
+        fill = (sum(fill) / len(fill),) * channels
     y, x, h, w = random_erase_box(seed, height, width, scale, ratio)
     rows = tf.range(height)[:, None]
     cols = tf.range(width)[None, :]
