@@ -55,6 +55,24 @@ def _uniform(seed: tf.Tensor, shape: list[int], low: float = 0.0, high: float = 
     return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
 
 
+def _candidate_sides(
+    seed: tf.Tensor, area: tf.Tensor, scale: tuple[float, float], ratio: tuple[float, float], n: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """torchvision's n tries at once: sides round(sqrt(a * r)), round(sqrt(a / r)) (int32)."""
+    target_area = area * _uniform(_fold(seed, 0), [n], scale[0], scale[1])
+    aspect = tf.exp(_uniform(_fold(seed, 1), [n], math.log(ratio[0]), math.log(ratio[1])))
+    along = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+    across = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+    return along, across
+
+
+def _randint_inclusive(seed: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
+    """torch.randint(0, high + 1): a uniform integer in [0, high] (0 when high < 0)."""
+    u = _uniform(seed, [])
+    drawn = tf.cast(tf.floor(u * tf.cast(high + 1, tf.float32)), tf.int32)
+    return tf.minimum(drawn, tf.maximum(high, 0))
+
+
 def random_resized_crop_box(
     seed: tf.Tensor,
     height: tf.Tensor | int,
@@ -69,25 +87,12 @@ def random_resized_crop_box(
     height_f = tf.cast(height, tf.float32)
     width_f = tf.cast(width, tf.float32)
     # All tries drawn at once; the first valid one wins, exactly like torchvision's loop.
-    area = height_f * width_f * _uniform(_fold(seed, 0), [num_tries], scale[0], scale[1])
-    log_ratio = _uniform(_fold(seed, 1), [num_tries], math.log(ratio[0]), math.log(ratio[1]))
-    aspect = tf.exp(log_ratio)
-    w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
-    h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+    w, h = _candidate_sides(seed, height_f * width_f, scale, ratio, num_tries)
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
     h_try, w_try = h[first], w[first]
-    # torch.randint(0, n + 1): uniform integer in [0, n].
-    uy = _uniform(_fold(seed, 2), [])
-    ux = _uniform(_fold(seed, 3), [])
-    y_try = tf.minimum(
-        tf.cast(tf.floor(uy * tf.cast(height - h_try + 1, tf.float32)), tf.int32),
-        tf.maximum(height - h_try, 0),
-    )
-    x_try = tf.minimum(
-        tf.cast(tf.floor(ux * tf.cast(width - w_try + 1, tf.float32)), tf.int32),
-        tf.maximum(width - w_try, 0),
-    )
+    y_try = _randint_inclusive(_fold(seed, 2), height - h_try)
+    x_try = _randint_inclusive(_fold(seed, 3), width - w_try)
 
     # Fallback: central crop with the aspect ratio clamped into `ratio`.
     in_ratio = width_f / height_f
@@ -243,26 +248,16 @@ def random_erase_box(
     num_tries: int = 10,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """A box (y, x, h, w) to erase, as torchvision RandomErasing.get_params; h = 0: none."""
-    area = float(height * width)
-    erase_area = area * _uniform(_fold(seed, 0), [num_tries], scale[0], scale[1])
-    log_ratio = _uniform(_fold(seed, 1), [num_tries], math.log(ratio[0]), math.log(ratio[1]))
-    aspect = tf.exp(log_ratio)
-    h = tf.cast(tf.round(tf.sqrt(erase_area * aspect)), tf.int32)
-    w = tf.cast(tf.round(tf.sqrt(erase_area / aspect)), tf.int32)
+    h, w = _candidate_sides(seed, float(height * width), scale, ratio, num_tries)
     # torchvision's loop takes the first try that fits strictly inside, else erases nothing.
     ok = (h < height) & (w < width)
     first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
     any_ok = tf.reduce_any(ok)
     h_box = tf.where(any_ok, h[first], 0)
     w_box = tf.where(any_ok, w[first], 0)
-    # torch.randint(0, n - h + 1): uniform integer in [0, n - h].
-    y = tf.cast(
-        tf.floor(_uniform(_fold(seed, 2), []) * tf.cast(height - h_box + 1, tf.float32)), tf.int32
-    )
-    x = tf.cast(
-        tf.floor(_uniform(_fold(seed, 3), []) * tf.cast(width - w_box + 1, tf.float32)), tf.int32
-    )
-    return tf.minimum(y, height - h_box), tf.minimum(x, width - w_box), h_box, w_box
+    y = _randint_inclusive(_fold(seed, 2), height - h_box)
+    x = _randint_inclusive(_fold(seed, 3), width - w_box)
+    return y, x, h_box, w_box
 
 
 def random_erase(
