@@ -8,6 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from cmae_jax import sharding
 from cmae_jax.config_defaults import eval_config
@@ -24,8 +25,7 @@ def blobs(n, dim=16, classes=5, noise=1.5, seed=0):
 
 
 FOUR_DEVICE_KNN = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import sys
 sys.path.insert(0, {tests!r})
 import jax, numpy as np
 from test_eval_metrics import blobs
@@ -49,7 +49,7 @@ print("OK")
 
 
 def test_sharded_knn_matches_brute_force_on_four_devices():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(host_devices=4))
     script = FOUR_DEVICE_KNN.format(tests=os.path.join(REPO, "tests"))
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from flax import serialization
 from test_sharding import stack_blocks
 from test_train import REPO, assert_trees_equal, flat_arrays, restore_raw, tiny_config
@@ -55,7 +56,6 @@ def test_enqueue_is_fifo_with_wrap_around():
 
 EIGHT_DEVICE_QUEUE = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, ml_collections, numpy as np
 from cmae_jax import nnclr, sharding
 assert jax.device_count() == 8
@@ -84,7 +84,7 @@ np.savez(os.environ["OUT"], **out)
 
 def test_queue_and_lookup_of_a_global_batch_on_eight_devices(tmp_path):
     path = str(tmp_path / "queue.npz")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"OUT": path}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(host_devices=8), OUT=path)
     out = subprocess.run(
         [sys.executable, "-c", EIGHT_DEVICE_QUEUE], capture_output=True, text=True, env=env
     )

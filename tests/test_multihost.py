@@ -22,13 +22,10 @@ from cmae_jax.methods import cmae as train_cmae
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 sys.path.insert(0, TESTS)
+from conftest import xla_flags  # noqa: E402
 from test_train import assert_states_match, flat_arrays, restore_raw, tiny_config  # noqa: E402
 
-# Same compile options in every process: tiny programs compile faster unoptimised.
-XLA_FLAGS = (
-    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-    "--xla_llvm_disable_expensive_passes=true"
-)
+XLA_FLAGS = xla_flags(host_devices=4)
 TIMEOUT_S = 300
 
 

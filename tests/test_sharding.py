@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from cmae_jax import sharding
 
@@ -225,12 +226,7 @@ def worker(out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def mesh_runs(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("mesh_runs"))
-    # Tiny programs: LLVM's optimisations would cost far more compile time than they save.
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true",
-    )
+    env = dict(os.environ, XLA_FLAGS=xla_flags(host_devices=8))
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), out_dir],

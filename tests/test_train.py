@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import xla_flags
 
 from cmae_jax.config_defaults import fashion_mnist_config, set_variant
 from cmae_jax.methods import cmae as train_cmae
@@ -137,8 +138,7 @@ def test_resume_refuses_a_changed_batch_size(uninterrupted_run, small_fashion_mn
 
 
 EIGHT_DEVICE_RUN = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import sys
 sys.path.insert(0, {tests!r})
 import jax
 assert jax.device_count() == 8, jax.devices()
@@ -184,7 +184,7 @@ def test_eight_devices_match_one(uninterrupted_run, small_fashion_mnist, tmp_pat
     script = EIGHT_DEVICE_RUN.format(
         tests=os.path.join(REPO, "tests"), idx=small_fashion_mnist, workdir=workdir
     )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(host_devices=8))
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO
     )
