@@ -25,33 +25,6 @@ def xla_flags(host_devices: int | None = None) -> str:
 # Read when JAX starts its backend, after this file is imported (pytest imports it first).
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags()}".strip()
 
-# The files whose fixtures run whole trainings, slowest first (`--durations` on 2 idle cores,
-# 2026-12-03). pytest-xdist hands files to its workers in collection order (the addopts turn
-# off its own reordering by test count, which handed these out last), so the long files start
-# first and no worker is left alone with one of them at the end.
-SLOWEST_FILES = (
-    "test_faults.py",
-    "test_maect.py",
-    "test_sharding.py",
-    "test_notebooks.py",
-    "test_train.py",
-    "test_multihost.py",
-    "test_representation_benchmark.py",
-    "test_mocov3.py",
-    "test_config.py",
-    "test_methods.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Runs the slowest files first, the rest in pytest's order (a stable sort)."""
-
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
-
-    items.sort(key=rank)
-
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
