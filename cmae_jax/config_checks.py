@@ -4,7 +4,16 @@ TensorFlow-free: the method modules (cmae_jax.methods) check their keys with the
 machines that have no TensorFlow.
 """
 
+from typing import Any
+
 from cmae_jax.weights import CheckpointError, check_readable
+
+# ml_collections joins the values of a tuple key given twice on the command line
+# ("--config.k=(0,0) --config.k=(1,0.1)" gives (0, 0, 1, 0.1)), and code that reads one
+# value per view would silently take the first two.
+_REPEATED_TUPLE_HINT = (
+    "A tuple key given twice on the command line is joined into one longer tuple: give it once."
+)
 
 
 class ConfigError(ValueError):
@@ -23,3 +32,51 @@ def require_checkpoint(path: str, key: str) -> None:
         check_readable(path)
     except CheckpointError as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+def require_probability(value: Any, key: str) -> None:
+    """A number in [0, 1] at `key`."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    require(
+        number and 0.0 <= value <= 1.0,
+        f"{key}={value!r} is a probability; give a value in [0, 1].",
+    )
+
+
+def require_pair(value: Any, key: str, example: str) -> tuple[float, float]:
+    """The two numbers at `key` (a range, or one value per view)."""
+    is_sequence = isinstance(value, (tuple, list))
+    numbers = is_sequence and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+    require(
+        numbers and len(value) == 2,
+        f"{key}={tuple(value) if is_sequence else value!r} must be two numbers, e.g. "
+        f"{example}. {_REPEATED_TUPLE_HINT}",
+    )
+    return float(value[0]), float(value[1])
+
+
+def require_crop_scale(value: Any, key: str) -> None:
+    """RandomResizedCrop's range of areas, as fractions of the image."""
+    low, high = require_pair(value, key, "(0.08, 1.0)")
+    require(
+        0.0 < low <= high <= 1.0,
+        f"{key}={tuple(value)} must satisfy 0 < low <= high <= 1, e.g. (0.08, 1.0).",
+    )
+
+
+def require_two_view_augment(augment: Any, key: str) -> None:
+    """BYOL's colour ops of two-crop views (MoCo v3, MAE-CT '_aug'), some given per view."""
+    require_probability(augment.color_jitter.prob, f"{key}.color_jitter.prob")
+    require_probability(augment.grayscale_prob, f"{key}.grayscale_prob")
+    for name in ("blur_prob", "solarize_prob"):
+        per_view = require_pair(augment[name], f"{key}.{name}", "(1.0, 0.1): view 1, view 2")
+        for view, probability in enumerate(per_view):
+            require_probability(probability, f"{key}.{name}[{view}]")
+    low, high = require_pair(augment.blur_sigma, f"{key}.blur_sigma", "(0.1, 2.0)")
+    require(
+        0.0 < low <= high,
+        f"{key}.blur_sigma={tuple(augment.blur_sigma)} must satisfy 0 < low <= high (pixels), "
+        "e.g. (0.1, 2.0).",
+    )

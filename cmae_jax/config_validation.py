@@ -8,7 +8,14 @@ not a method.
 import ml_collections
 
 from cmae_jax import methods
-from cmae_jax.config_checks import ConfigError, require, require_checkpoint
+from cmae_jax.config_checks import (
+    ConfigError,
+    require,
+    require_checkpoint,
+    require_crop_scale,
+    require_pair,
+    require_probability,
+)
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
 from cmae_jax.sharding import logical_axis_rules, mesh_shape
@@ -98,6 +105,13 @@ def validate(
 
 
 def _validate_view_augmentations(inp: ml_collections.ConfigDict) -> None:
+    require_crop_scale(inp.crop_scale, "config.input.crop_scale")
+    low, high = require_pair(inp.crop_ratio, "config.input.crop_ratio", "(0.75, 1.333)")
+    require(
+        0.0 < low <= high,
+        f"config.input.crop_ratio={tuple(inp.crop_ratio)} must be aspect ratios with "
+        "0 < low <= high, e.g. (0.75, 1.333).",
+    )
     jitter = inp.get("color_jitter") or {}
     probabilities = {
         "color_jitter.prob": jitter.get("prob"),
@@ -106,20 +120,23 @@ def _validate_view_augmentations(inp: ml_collections.ConfigDict) -> None:
         "erase_prob": inp.get("erase_prob"),
     }
     for key, value in probabilities.items():
-        if value is None:
-            continue
+        if value is not None:
+            require_probability(value, f"config.input.{key}")
+    if inp.get("blur_prob", 0.0) > 0:
+        low, high = require_pair(inp.blur_sigma, "config.input.blur_sigma", "(0.1, 2.0)")
         require(
-            0.0 <= value <= 1.0,
-            f"config.input.{key}={value} is a probability; give a value in [0, 1].",
+            0.0 < low <= high,
+            f"config.input.blur_sigma={tuple(inp.blur_sigma)} must satisfy 0 < low <= high "
+            "(pixels), e.g. (0.1, 2.0).",
         )
     if inp.get("erase_prob", 0.0) > 0:
-        low, high = inp.erase_scale
+        low, high = require_pair(inp.erase_scale, "config.input.erase_scale", "(0.02, 0.33)")
         require(
             0.0 < low <= high < 1.0,
             f"config.input.erase_scale={tuple(inp.erase_scale)} must be fractions of the "
             "view's area with 0 < low <= high < 1, e.g. (0.02, 0.33).",
         )
-        low, high = inp.erase_ratio
+        low, high = require_pair(inp.erase_ratio, "config.input.erase_ratio", "(0.3, 3.3)")
         require(
             0.0 < low <= high,
             f"config.input.erase_ratio={tuple(inp.erase_ratio)} must be aspect ratios with "

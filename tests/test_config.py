@@ -8,6 +8,8 @@ import sys
 
 import jax
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from cmae_jax import config_validation, ema
 from cmae_jax.config_defaults import base_config, fashion_mnist_config, set_variant
@@ -53,6 +55,10 @@ def test_the_demo_config_is_valid(small_fashion_mnist):
         ("input.target_view", False, "needs the target view"),
         ("input.blur_prob", 1.5, "config.input.blur_prob=1.5 is a probability"),
         ("input.erase_prob", -0.1, "config.input.erase_prob=-0.1 is a probability"),
+        ("input.crop_scale", (0.2, 1.0, 0.5), "crop_scale=(0.2, 1.0, 0.5) must be two"),
+        ("input.crop_scale", (0.0, 1.0), "config.input.crop_scale=(0.0, 1.0) must satisfy"),
+        ("input.crop_ratio", (2.0, 0.5), "config.input.crop_ratio=(2.0, 0.5) must be aspect"),
+        ("input.blur_sigma", (0.1,), "config.input.blur_sigma=(0.1,) must be two numbers"),
         ("mesh.fsdp", 3, "config.mesh="),
         ("logical_axis_rules", (("embed", "model"),), "names mesh axis 'model'"),
     ],
@@ -76,6 +82,35 @@ def test_erasing_boxes_are_checked_only_when_erasing_is_on(small_fashion_mnist):
     config.input.erase_scale, config.input.erase_ratio = (0.02, 0.33), (3.0, 0.3)
     with pytest.raises(ConfigError, match=r"config\.input\.erase_ratio=\(3\.0, 0\.3\)"):
         config_validation.validate(config, num_devices=8)
+
+
+def test_a_per_view_pair_given_twice_on_the_command_line_is_refused():
+    # ml_collections joins the two values into (0.0, 0.0, 1.0, 0.1); the views would read
+    # the first two and blur neither view.
+    path = os.path.join(REPO, "configs", "fashion_mnist_mocov3.py")
+    key = "config.input.view_augment.blur_prob"
+    argv = ["main", f"--config={path}", f"--{key}=(0.0,0.0)", f"--{key}=(1.0,0.1)"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", path, flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    with pytest.raises(ConfigError, match=r"blur_prob=\(0\.0, 0\.0, 1\.0, 0\.1\) must be two"):
+        config_validation.validate(flag_values.config, num_devices=1, check_data=False)
+
+
+def test_the_views_of_each_maect_stage_are_checked():
+    config = load_config(os.path.join(REPO, "configs", "fashion_mnist_maect.py"))
+    augment = config.stages.tune.input.view_augment
+    augment.solarize_prob = (0.0, 1.5)
+    # Unused by the plain two-crop views, so not refused.
+    config_validation.validate(config, num_devices=1, check_data=False)
+    config.stages.tune.input.views = "two_crops_aug"
+    key = r"config\.stages\.tune\.input\.view_augment\.solarize_prob\[1\]=1\.5"
+    with pytest.raises(ConfigError, match=key + " is a probability"):
+        config_validation.validate(config, num_devices=1, check_data=False)
+    augment.solarize_prob = (0.0, 0.2)
+    config.stages.head.input.crop_scale = (0.2, 1.0, 0.2, 1.0)
+    with pytest.raises(ConfigError, match=r"config\.stages\.head\.input\.crop_scale=\(0\.2,"):
+        config_validation.validate(config, num_devices=1, check_data=False)
 
 
 def test_a_block_size_that_does_not_tile_the_grid_is_refused(small_fashion_mnist):

@@ -66,7 +66,12 @@ from cmae_jax import (
     weights,
 )
 from cmae_jax import workdir as workdir_files
-from cmae_jax.config_checks import require, require_checkpoint
+from cmae_jax.config_checks import (
+    require,
+    require_checkpoint,
+    require_crop_scale,
+    require_two_view_augment,
+)
 from cmae_jax.evaluation import knn
 from cmae_jax.methods import mae
 from cmae_jax.models import maect as maect_model
@@ -559,12 +564,9 @@ def validate(config: ml_collections.ConfigDict, checks: methods.Checks) -> None:
             stage.input.views in ("two_crops", "two_crops_aug"),
             f"{key}.input.views={stage.input.views!r} must be 'two_crops' or 'two_crops_aug'.",
         )
-        low, high = stage.input.crop_scale
-        require(
-            0.0 < low <= high <= 1.0,
-            f"{key}.input.crop_scale={tuple(stage.input.crop_scale)} must satisfy "
-            "0 < low <= high <= 1, e.g. (0.08, 1.0).",
-        )
+        require_crop_scale(stage.input.crop_scale, f"{key}.input.crop_scale")
+        if stage.input.views == "two_crops_aug":
+            require_two_view_augment(stage.input.view_augment, f"{key}.input.view_augment")
         require(stage.temperature > 0, f"{key}.temperature={stage.temperature} must be > 0.")
         require(
             0 <= stage.topk <= m.queue_size,

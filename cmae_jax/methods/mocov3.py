@@ -40,7 +40,7 @@ import ml_collections
 import optax
 
 from cmae_jax import ema, flops, loop, losses, methods, optim, param_groups, train_state
-from cmae_jax.config_checks import ConfigError, require
+from cmae_jax.config_checks import ConfigError, require, require_two_view_augment
 from cmae_jax.config_defaults import BYOL_VIEW_AUGMENT
 from cmae_jax.evaluation import knn
 from cmae_jax.models import mocov3 as mocov3_model
@@ -91,12 +91,9 @@ def validate(config: ml_collections.ConfigDict, checks: methods.Checks) -> None:
         f"config.input.views={views!r}: MoCo v3 trains on two views of every image; use "
         "'two_crops_aug' (BYOL's views, the recipe) or 'two_crops' (crop and flip only).",
     )
-    low, high = config.input.crop_scale
-    require(
-        0.0 < low <= high <= 1.0,
-        f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy "
-        "0 < low <= high <= 1, e.g. (0.08, 1.0).",
-    )
+    # config.input.crop_scale is checked with every method's views (config_validation).
+    if views == "two_crops_aug":
+        require_two_view_augment(config.input.view_augment, "config.input.view_augment")
     accumulation = int(config.get("grad_accumulation_steps", 1) or 1)
     require(
         accumulation == 1,
