@@ -25,7 +25,7 @@ Departures from the ImageNet recipe (configs/mocov3_vitb.py), all for size and t
     the garment's texture).
 """
 
-from cmae_jax.config_defaults import fashion_mnist_config
+from cmae_jax.config_defaults import fashion_mnist_config, keep_grey_view_ops
 
 
 def get_config():
@@ -35,12 +35,7 @@ def get_config():
     config.mocov3.predictor_hidden = 512
     config.mocov3.projection_dim = 128
     config.input.crop_scale = (0.2, 1.0)
-    augment = config.input.view_augment
-    augment.color_jitter.saturation = 0.0
-    augment.color_jitter.hue = 0.0
-    augment.grayscale_prob = 0.0
-    augment.blur_prob = (0.0, 0.0)
-    augment.solarize_prob = (0.0, 0.0)
+    keep_grey_view_ops(config.input.view_augment)
     config.optimizer.base_lr = 5e-4
     config.optimizer.warmup_epochs = 0.5
     config.num_epochs = 4
