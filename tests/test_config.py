@@ -102,6 +102,7 @@ def test_the_views_of_each_maect_stage_are_checked():
     augment = config.stages.tune.input.view_augment
     augment.solarize_prob = (0.0, 1.5)
     # Unused by the plain two-crop views, so not refused.
+    config.stages.tune.input.views = "two_crops"
     config_validation.validate(config, num_devices=1, check_data=False)
     config.stages.tune.input.views = "two_crops_aug"
     key = r"config\.stages\.tune\.input\.view_augment\.solarize_prob\[1\]=1\.5"
