@@ -57,12 +57,13 @@ def require_pair(value: Any, key: str, example: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-def require_crop_scale(value: Any, key: str) -> None:
-    """RandomResizedCrop's range of areas, as fractions of the image."""
-    low, high = require_pair(value, key, "(0.08, 1.0)")
+def require_range(value: Any, key: str, example: str, upper: float | None = None) -> None:
+    """A range to draw from at `key`: two numbers with 0 < low <= high (<= upper if given)."""
+    low, high = require_pair(value, key, example)
+    bound = "" if upper is None else f" <= {upper:g}"
     require(
-        0.0 < low <= high <= 1.0,
-        f"{key}={tuple(value)} must satisfy 0 < low <= high <= 1, e.g. (0.08, 1.0).",
+        0.0 < low <= high and (upper is None or high <= upper),
+        f"{key}={tuple(value)} must satisfy 0 < low <= high{bound}, e.g. {example}.",
     )
 
 
@@ -74,9 +75,4 @@ def require_two_view_augment(augment: Any, key: str) -> None:
         per_view = require_pair(augment[name], f"{key}.{name}", "(1.0, 0.1): view 1, view 2")
         for view, probability in enumerate(per_view):
             require_probability(probability, f"{key}.{name}[{view}]")
-    low, high = require_pair(augment.blur_sigma, f"{key}.blur_sigma", "(0.1, 2.0)")
-    require(
-        0.0 < low <= high,
-        f"{key}.blur_sigma={tuple(augment.blur_sigma)} must satisfy 0 < low <= high (pixels), "
-        "e.g. (0.1, 2.0).",
-    )
+    require_range(augment.blur_sigma, f"{key}.blur_sigma", "(0.1, 2.0) pixels")

@@ -12,9 +12,9 @@ from cmae_jax.config_checks import (
     ConfigError,
     require,
     require_checkpoint,
-    require_crop_scale,
     require_pair,
     require_probability,
+    require_range,
 )
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
@@ -105,13 +105,8 @@ def validate(
 
 
 def _validate_view_augmentations(inp: ml_collections.ConfigDict) -> None:
-    require_crop_scale(inp.crop_scale, "config.input.crop_scale")
-    low, high = require_pair(inp.crop_ratio, "config.input.crop_ratio", "(0.75, 1.333)")
-    require(
-        0.0 < low <= high,
-        f"config.input.crop_ratio={tuple(inp.crop_ratio)} must be aspect ratios with "
-        "0 < low <= high, e.g. (0.75, 1.333).",
-    )
+    require_range(inp.crop_scale, "config.input.crop_scale", "(0.08, 1.0)", upper=1.0)
+    require_range(inp.crop_ratio, "config.input.crop_ratio", "(0.75, 1.333)")
     jitter = inp.get("color_jitter") or {}
     probabilities = {
         "color_jitter.prob": jitter.get("prob"),
@@ -123,12 +118,7 @@ def _validate_view_augmentations(inp: ml_collections.ConfigDict) -> None:
         if value is not None:
             require_probability(value, f"config.input.{key}")
     if inp.get("blur_prob", 0.0) > 0:
-        low, high = require_pair(inp.blur_sigma, "config.input.blur_sigma", "(0.1, 2.0)")
-        require(
-            0.0 < low <= high,
-            f"config.input.blur_sigma={tuple(inp.blur_sigma)} must satisfy 0 < low <= high "
-            "(pixels), e.g. (0.1, 2.0).",
-        )
+        require_range(inp.blur_sigma, "config.input.blur_sigma", "(0.1, 2.0) pixels")
     if inp.get("erase_prob", 0.0) > 0:
         low, high = require_pair(inp.erase_scale, "config.input.erase_scale", "(0.02, 0.33)")
         require(
@@ -136,12 +126,7 @@ def _validate_view_augmentations(inp: ml_collections.ConfigDict) -> None:
             f"config.input.erase_scale={tuple(inp.erase_scale)} must be fractions of the "
             "view's area with 0 < low <= high < 1, e.g. (0.02, 0.33).",
         )
-        low, high = require_pair(inp.erase_ratio, "config.input.erase_ratio", "(0.3, 3.3)")
-        require(
-            0.0 < low <= high,
-            f"config.input.erase_ratio={tuple(inp.erase_ratio)} must be aspect ratios with "
-            "0 < low <= high, e.g. (0.3, 3.3).",
-        )
+        require_range(inp.erase_ratio, "config.input.erase_ratio", "(0.3, 3.3)")
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:

@@ -57,7 +57,7 @@ def test_the_demo_config_is_valid(small_fashion_mnist):
         ("input.erase_prob", -0.1, "config.input.erase_prob=-0.1 is a probability"),
         ("input.crop_scale", (0.2, 1.0, 0.5), "crop_scale=(0.2, 1.0, 0.5) must be two"),
         ("input.crop_scale", (0.0, 1.0), "config.input.crop_scale=(0.0, 1.0) must satisfy"),
-        ("input.crop_ratio", (2.0, 0.5), "config.input.crop_ratio=(2.0, 0.5) must be aspect"),
+        ("input.crop_ratio", (2.0, 0.5), "config.input.crop_ratio=(2.0, 0.5) must satisfy"),
         ("input.blur_sigma", (0.1,), "config.input.blur_sigma=(0.1,) must be two numbers"),
         ("mesh.fsdp", 3, "config.mesh="),
         ("logical_axis_rules", (("embed", "model"),), "names mesh axis 'model'"),

@@ -69,7 +69,7 @@ from cmae_jax import workdir as workdir_files
 from cmae_jax.config_checks import (
     require,
     require_checkpoint,
-    require_crop_scale,
+    require_range,
     require_two_view_augment,
 )
 from cmae_jax.evaluation import knn
@@ -564,7 +564,7 @@ def validate(config: ml_collections.ConfigDict, checks: methods.Checks) -> None:
             stage.input.views in ("two_crops", "two_crops_aug"),
             f"{key}.input.views={stage.input.views!r} must be 'two_crops' or 'two_crops_aug'.",
         )
-        require_crop_scale(stage.input.crop_scale, f"{key}.input.crop_scale")
+        require_range(stage.input.crop_scale, f"{key}.input.crop_scale", "(0.08, 1.0)", upper=1.0)
         if stage.input.views == "two_crops_aug":
             require_two_view_augment(stage.input.view_augment, f"{key}.input.view_augment")
         require(stage.temperature > 0, f"{key}.temperature={stage.temperature} must be > 0.")
