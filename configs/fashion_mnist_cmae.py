@@ -7,10 +7,9 @@ Hardware: 2 CPU cores are enough. Measured on 2026-12-02, alone on 2 idle cores 
 float32 matmul reaches 416-452 GFLOP/s (scale by your machine's rate: `python
 benchmarks/train_step.py` prints it): 5 min 55 s in all, ending with the line
 `k-NN top-1: 80.93%` (README "What the demo measures"). A machine at half that rate (the
-earlier sessions', 214-230 GFLOP/s) took 13 min 38 s for the same step; on 2026-12-03 a
-fresh clone on a machine at 137 GFLOP/s took 12 min 40 s and printed 81.22% (again
-81.22%, in 14 min 17 s, at 150 GFLOP/s later that day; in 7 min 30 s on a fresh clone of
-the version with ml-dtypes 0.6.0, the machine at 124-211 GFLOP/s that hour).
+earlier sessions', 214-230 GFLOP/s) took 13 min 38 s for the same step; on 2026-12-03
+fresh clones on a machine at 121-211 GFLOP/s took 7 min 30 s to 16 min 37 s by the hour
+(five runs) and printed 81.22% every time.
 
 Departures from the ImageNet recipe, all for size and for a 5-epoch run:
   * native 28 px images in 7 px patches (a 4x4 grid of 16 tokens) and a 32 px master crop
