@@ -1,8 +1,11 @@
 """Orbax checkpoints of the train state plus the input pipeline's position, and reading
 parts of one (cmae_jax.weights resolves a path to the folder to read)."""
 
+import gc
+import inspect
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -151,11 +154,34 @@ def restore_latest(
         try:
             state, position = checkpointer.restore(step, abstract_state)
         except Exception as error:  # whatever the storage layer raises for broken files
-            checkpointer.set_aside(step, f"{type(error).__name__}: {str(error)[:300]}")
-            continue
-        check_resumable(position, expected, checkpointer.directory)
-        return state, position
+            reason = f"{type(error).__name__}: {str(error)[:300]}"
+        else:
+            check_resumable(position, expected, checkpointer.directory)
+            return state, position
+        discard_abandoned_reads()
+        checkpointer.set_aside(step, reason)
     return None
+
+
+def discard_abandoned_reads() -> None:
+    """Collects the array reads a failed restore abandoned, without their tracebacks.
+
+    When one array of a checkpoint cannot be read, orbax gives up on the others' pending
+    read coroutines; each would print the same error again as an "Exception ignored"
+    traceback (some 65 lines) whenever the garbage collector met it. The error is logged
+    once, where the checkpoint is set aside.
+    """
+    report = sys.unraisablehook
+
+    def report_all_but_coroutines(unraisable: Any) -> None:
+        if not inspect.iscoroutine(unraisable.object):
+            report(unraisable)
+
+    sys.unraisablehook = report_all_but_coroutines
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = report
 
 
 # -------------------------------------------------------------------- Parts of a step folder
