@@ -309,10 +309,10 @@ def hf_vitmae_runner(config: Any) -> tuple[Runner, dict[str, Any]]:
         num_hidden_layers=ours.depth,
         num_attention_heads=ours.num_heads,
         intermediate_size=ours.mlp_dim,
-        decoder_hidden_size=ours.pixel_decoder_width,
-        decoder_num_hidden_layers=ours.pixel_decoder_depth,
-        decoder_num_attention_heads=ours.pixel_decoder_heads,
-        decoder_intermediate_size=4 * ours.pixel_decoder_width,
+        decoder_hidden_size=config.model.pixel_decoder_width,
+        decoder_num_hidden_layers=config.model.pixel_decoder_depth,
+        decoder_num_attention_heads=config.model.pixel_decoder_heads,
+        decoder_intermediate_size=4 * config.model.pixel_decoder_width,
         mask_ratio=config.input.mask_ratio,
         norm_pix_loss=config.loss.norm_pix,
         layer_norm_eps=1e-6,
@@ -341,7 +341,8 @@ def hf_vitmae_runner(config: Any) -> tuple[Runner, dict[str, Any]]:
         "torch_matmul_tflops": torch_matmul_flops(bf16) / 1e12,
         "transformers_attention": hf_config._attn_implementation,
         "torch_threads": threads,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        # Trainable only: HF keeps its fixed sin-cos position tables as frozen parameters.
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "torch": torch.__version__,
     }
     return Runner(step, None, lambda: None), info
@@ -417,6 +418,7 @@ def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
     step, state = build_step(config, stage, mesh, rules)
     jax.block_until_ready(state)
     result["init_s"] = time.perf_counter() - start
+    result["params"] = sum(int(x.size) for x in jax.tree.leaves(state.params))
 
     # The pipeline (when measured) supplies the first batch, so that the step compiles for
     # exactly its arrays; the timed steps reuse that batch on the devices.

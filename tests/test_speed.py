@@ -60,6 +60,27 @@ def test_benchmark_flops_of_a_tiny_mae_equal_a_hand_count():
     assert benchmark.flops_per_image(config) == by_hand
 
 
+def test_hf_vitmae_of_the_benchmark_has_our_mae_sizes():
+    """--vs=hf times HF's ViTMAEForPreTraining built with the config's encoder and decoder:
+    the same trainable parameters as our MAE (HF's fixed sin-cos tables are frozen)."""
+    pytest.importorskip("transformers")
+    config = tiny_mae_config()
+    ours = jax.eval_shape(
+        lambda: benchmark.build_step(config, None, *benchmark_mesh(config))[1].params
+    )
+    runner, info = benchmark.hf_vitmae_runner(config)
+    assert info["params"] == sum(x.size for x in jax.tree.leaves(ours))
+    runner.run(1)
+    assert math.isfinite(runner.loss)
+
+
+def benchmark_mesh(config):
+    """(mesh, logical axis rules) of a config, as the benchmark makes them."""
+    from cmae_jax import sharding
+
+    return sharding.make_mesh(config.mesh), sharding.logical_axis_rules(config.logical_axis_rules)
+
+
 def test_benchmark_flops_of_a_maect_stage_equal_a_hand_count():
     config = fashion_mnist_maect_config()
     config.model.width, config.model.depth, config.model.num_heads = 32, 2, 2
