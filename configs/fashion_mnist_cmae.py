@@ -9,7 +9,8 @@ benchmarks/train_step.py` prints it): 5 min 55 s in all, ending with the line
 `k-NN top-1: 80.93%` (README "What the demo measures"). A machine at half that rate (the
 earlier sessions', 214-230 GFLOP/s) took 13 min 38 s for the same step; on 2026-12-03
 fresh clones on a machine at 121-211 GFLOP/s took 7 min 30 s to 16 min 37 s by the hour
-(five runs) and printed 81.22% every time.
+(five runs) and printed 81.22% every time; on 2026-12-04 a fresh clone on another machine
+(167-205 GFLOP/s) took 8 min 41 s and printed 80.93%.
 
 Departures from the ImageNet recipe, all for size and for a 5-epoch run:
   * native 28 px images in 7 px patches (a 4x4 grid of 16 tokens) and a 32 px master crop
