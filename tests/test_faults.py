@@ -212,8 +212,8 @@ def test_abandoned_reads_are_discarded_quietly(monkeypatch):
     async def read_that_reraises():
         try:
             await Pending()
-        except GeneratorExit as exit:
-            raise RuntimeError("Encountered error while reading array index") from exit
+        except GeneratorExit as closing:
+            raise RuntimeError("Encountered error while reading array index") from closing
 
     def abandon(coroutine):
         coroutine.send(None)  # suspended in the await, as the others when one read fails

@@ -66,19 +66,12 @@ def test_hf_vitmae_of_the_benchmark_has_our_mae_sizes():
     pytest.importorskip("transformers")
     config = tiny_mae_config()
     ours = jax.eval_shape(
-        lambda: benchmark.build_step(config, None, *benchmark_mesh(config))[1].params
+        lambda: benchmark.build_step(config, None, *benchmark.mesh_and_rules(config))[1].params
     )
     runner, info = benchmark.hf_vitmae_runner(config)
     assert info["params"] == sum(x.size for x in jax.tree.leaves(ours))
     runner.run(1)
     assert math.isfinite(runner.loss)
-
-
-def benchmark_mesh(config):
-    """(mesh, logical axis rules) of a config, as the benchmark makes them."""
-    from cmae_jax import sharding
-
-    return sharding.make_mesh(config.mesh), sharding.logical_axis_rules(config.logical_axis_rules)
 
 
 def test_benchmark_flops_of_a_maect_stage_equal_a_hand_count():
