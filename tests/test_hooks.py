@@ -140,6 +140,9 @@ def test_config_evals_follow_the_old_keys():
         ("reconstructions", 7, True, False),
     ]
     assert hooks[2].fn is pictures
+    # Fine-tuning asks for the periodic entries only: no full k-NN or pictures at its end.
+    only = evaluation_hooks.make_hooks(config, mesh, embed, own={}, types=("periodic",))
+    assert timings(only) == [("periodic", 50, False, False)]
     # A trainer without pictures skips them; switched-off evaluations build nothing.
     config.eval.knn = False
     config.eval.every_steps = 0

@@ -246,7 +246,21 @@ def train_and_evaluate(
         view_fn=train_view_fn(config),
         start_fresh=start_fresh,
     )
-    results = loop.train(run, task)
+    # The periodic protocols of config.evals on the encoder being tuned (off unless
+    # config.eval.every_steps > 0): the labelled reference's learning curve, on the same
+    # yardstick as the pretrainings' (benchmarks/representation.py). Imported here: the
+    # hooks import the protocols, which import this module.
+    from cmae_jax.evaluation import hooks as evaluation_hooks
+
+    feature_model = features.FeatureEncoder(spec.encoder())
+    hooks = evaluation_hooks.make_hooks(
+        config,
+        run.mesh,
+        lambda params, images: feature_model.apply({"params": params}, images),
+        params_of=lambda state: {"": {"encoder": state.params["encoder"]}},
+        types=("periodic",),
+    )
+    results = loop.train(run, task, hooks=hooks)
 
     # ---------------------------------------------------------------- Evaluation
     params = results["state"].params

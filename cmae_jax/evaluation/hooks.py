@@ -20,7 +20,7 @@ that keeps an EMA encoder (the trainer's `params_of`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -112,10 +112,11 @@ def make_hooks(
     *,
     params_of: ParamsOf = encoder_params,
     own: Mapping[str, HookFn] | None = None,
+    types: Sequence[str] = TYPES,
 ) -> list[Hook]:
     """The hooks of config.evals, in its order: `embed` (params, images) -> pooled features
     of the encoder that `params_of` (state -> {suffix: params}) picks; `own` the trainer's
-    work for TRAINER_TYPES it supports."""
+    work for TRAINER_TYPES it supports; entries of other `types` than those are left out."""
     own = own or {}
     hooks = []
     for name, entry in config.get("evals", {}).items():
@@ -125,6 +126,8 @@ def make_hooks(
                 f"config.evals.{name}.type={kind!r} is not an evaluation type; known: "
                 f"{', '.join(TYPES)}. Fix or remove config.evals.{name}."
             )
+        if kind not in types:
+            continue
         when = dict(
             every_steps=int(entry.get("every_steps", 0) or 0),
             at_stop=bool(entry.get("at_stop", False)),
