@@ -9,8 +9,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # MAE-CT continues the MAE run, so these two cover a reconstruction and a contrastive
-# stage at the price of one pretraining (CMAE and MoCo v3 run end to end in their own tests).
-METHODS = ("mae", "maect")
+# stage at the price of one pretraining (CMAE and MoCo v3 run end to end in their own tests);
+# the supervised reference is the one row trained by the fine-tuning protocol.
+METHODS = ("mae", "maect", "supervised")
 # The evaluation folder of each table row (eval_<name>).
 EVAL_FOLDERS = {"raw pixels": "pixels", "random init": "random", **{m: m for m in METHODS}}
 
@@ -52,6 +53,7 @@ def benchmark_run(small_fashion_mnist, tmp_path_factory):
         "--set=stages.head.input.global_batch_size=64",
         "--set=stages.tune.input.global_batch_size=64",
         "--set=maect.queue_size=128",
+        "--set=finetune.batch_size=64",
         *(f"--set={key}" for key in TINY_MODEL + TINY_HEADS),
         f"--eval_set={data}",
         *(f"--eval_set={key}" for key in TINY_MODEL),
@@ -106,13 +108,17 @@ def test_curves_follow_the_runs(benchmark_run):
     assert epochs == pytest.approx([0.25, 0.5, 0.75])
     walls = [p["wall_seconds"] for p in curves["maect"]]
     assert walls == sorted(walls) and walls[0] > 0
+    # The supervised reference's periodic k-NN runs inside its fine-tuning, at its steps.
+    assert [p["step"] for p in curves["supervised"]] == [2]
+    assert curves["supervised"][0]["epoch"] == pytest.approx(0.25)
+    assert 0.0 <= curves["supervised"][0]["knn_top1"] <= 1.0
 
 
 def test_a_second_start_reuses_everything(benchmark_run):
     workdir, _, command = benchmark_run
     before = {
         name: os.path.getmtime(os.path.join(workdir, name, "metrics.jsonl"))
-        for name in ("mae", "maect/3_tune")
+        for name in ("mae", "maect/3_tune", "supervised")
     }
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
