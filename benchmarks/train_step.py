@@ -145,12 +145,6 @@ def flops_per_image(config: Any, stage: str | None = None) -> float:
 # ----------------------------------------------------------------------------- the step
 
 
-def mesh_and_rules(step_config: Any) -> tuple[Any, Any]:
-    """The device mesh and logical-axis rules of a step's config, as the trainer makes them."""
-    mesh = sharding.make_mesh(step_config.mesh)
-    return mesh, sharding.logical_axis_rules(step_config.logical_axis_rules)
-
-
 def build_step(config: Any, stage: str | None, mesh: Any, rules: Any) -> tuple[Any, Any]:
     """(jitted step, initial sharded state), built with the trainer's own functions."""
     step, step_config = stage_setup(config, stage)
@@ -396,7 +390,7 @@ def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
     """Compiles and times the step of `config` (MAE-CT: of `stage`); returns the figures."""
     _, step_config = stage_setup(config, stage)
     batch_size = step_config.input.global_batch_size
-    mesh, rules = mesh_and_rules(step_config)
+    mesh, rules = sharding.mesh_and_rules(step_config)
     batch_sharding = sharding.batch_sharding(mesh)
     dtype = encoder_spec.resolve_dtype(step_config.model.dtype)
     device = jax.devices()[0]

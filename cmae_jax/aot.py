@@ -203,8 +203,7 @@ def compile_for_topology(
     step, config = methods.get(config.method).steps(config)[stage]
     devices = tpu_devices(chip, libtpu_name)
     start = time.time()
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.logical_axis_rules(config.logical_axis_rules)
+    mesh, rules = sharding.mesh_and_rules(config, devices)
     batch = config.input.global_batch_size
     steps_per_epoch = max(num_train_examples // batch, 1)
     total_steps = config.total_steps or config.num_epochs * steps_per_epoch

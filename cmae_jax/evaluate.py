@@ -42,8 +42,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         workdir_files.write_json(workdir, "config.json", config)
 
     # ---------------------------------------------------------------- Mesh and encoder
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_axis_rules(config.logical_axis_rules)
+    mesh, rules = sharding.mesh_and_rules(config)
     model, params = features.load_encoder(config.init, config, mesh, rules)
     if model is None:
         embed = lambda p, images: features.pixel_features(images)

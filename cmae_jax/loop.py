@@ -180,8 +180,7 @@ def set_up(
     """
     check_workdir(workdir, method)
 
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_axis_rules(config.logical_axis_rules)
+    mesh, rules = sharding.mesh_and_rules(config)
     logging.info(
         "Mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count()
     )

@@ -114,6 +114,14 @@ def logical_axis_rules(rules_cfg: Sequence[Sequence[Any]] | None) -> tuple[tuple
     return rules + tuple(rule for rule in DEFAULT_RULES if rule[0] not in named)
 
 
+def mesh_and_rules(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> tuple[Mesh, tuple[tuple[str, Any], ...]]:
+    """The mesh (config.mesh, over all devices or the given ones) and the logical-axis rules
+    (config.logical_axis_rules) a run of `config` trains with."""
+    return make_mesh(config.mesh, devices), logical_axis_rules(config.logical_axis_rules)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Inputs are split over their leading (batch) dimension across data and fsdp."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cmae_jax import sharding
 from cmae_jax.config_defaults import fashion_mnist_config, fashion_mnist_maect_config, set_variant
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import encoder_spec, vit
@@ -66,7 +67,7 @@ def test_hf_vitmae_of_the_benchmark_has_our_mae_sizes():
     pytest.importorskip("transformers")
     config = tiny_mae_config()
     ours = jax.eval_shape(
-        lambda: benchmark.build_step(config, None, *benchmark.mesh_and_rules(config))[1].params
+        lambda: benchmark.build_step(config, None, *sharding.mesh_and_rules(config))[1].params
     )
     runner, info = benchmark.hf_vitmae_runner(config)
     assert info["params"] == sum(x.size for x in jax.tree.leaves(ours))
