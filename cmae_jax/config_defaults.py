@@ -100,6 +100,11 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     # stacked along a 'layers' axis; compile time independent of depth).
     config.model.remat = "none"
     config.model.scan_layers = False
+    # Patch embedding: 0 is ViT's linear map of each patch (the papers'); > 0 puts two
+    # 3x3 conv layers of that many channels before it, each patch convolved alone so
+    # masking stays exact (models.vit.conv_stem; the Fashion-MNIST demos' lever, README
+    # "Does it learn?"). Published checkpoints have none and export refuses one.
+    config.model.stem_channels = 0
 
     config.loss = ml_collections.ConfigDict()
     config.loss.norm_pix = True

@@ -21,9 +21,13 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
 
 def encoder_flops(spec: Any, tokens: int, channels: int, depth: int | None = None) -> float:
     """Forward FLOPs of the ViT encoder `spec` (a models.encoder_spec.EncoderSpec) on cls +
-    tokens - 1 patches of `channels`-channel images: patch embedding and `depth` blocks
-    (default all)."""
-    embed = 2 * (tokens - 1) * spec.patch_size * spec.patch_size * channels * spec.width
+    tokens - 1 patches of `channels`-channel images: patch embedding (with its conv stem,
+    if any) and `depth` blocks (default all)."""
+    pixels = spec.patch_size * spec.patch_size
+    stem = spec.stem_channels
+    embed = 2 * (tokens - 1) * pixels * (stem or channels) * spec.width
+    if stem:  # two 3x3 conv layers on every pixel of every patch (models.vit.conv_stem)
+        embed += 2 * (tokens - 1) * pixels * 9 * (channels * stem + stem * stem)
     depth = spec.depth if depth is None else depth
     return embed + transformer_flops(tokens, spec.width, depth, spec.mlp_dim)
 

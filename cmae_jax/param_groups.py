@@ -6,7 +6,7 @@ Adam moments and no EMA copy) and puts the untouched frozen leaves back afterwar
 (`merge`), so they stay bit-identical.
 
 Layer-wise lr decay as BEiT / MAE fine-tuning / MAE-CT (depth + 2 "layers"): the stem
-(patch embedding, cls token) is layer 0, block j (0-based) is layer j + 1, the final norm
+(patch embedding, cls token, conv stem) is layer 0, block j (0-based) is layer j + 1, the final norm
 and everything outside the encoder layer depth + 1; layer i gets decay ** (depth + 1 - i).
 So the last block already runs at `decay` times the base lr and the final norm and heads
 at the base lr.
@@ -30,9 +30,19 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from cmae_jax.models import vit
+
 _BLOCK = re.compile(r"block_(\d+)")
-# The encoder's stem: frozen whenever any block is, and layer 0 of the lr decay.
+# The encoder's stem: frozen whenever any block is, and layer 0 of the lr decay. With a
+# convolutional patch stem (config.model.stem_channels) its layers are part of it too.
 STEM_KEYS = ("embedding", "cls")
+
+
+def is_stem(key: str) -> bool:
+    """Whether an encoder's top-level parameter name belongs to its stem."""
+    return key in STEM_KEYS or key.startswith(vit.STEM_PREFIX)
+
+
 # The scanned blocks' subtree (models.vit.block_stack with scan).
 SCANNED_BLOCKS = "blocks"
 
@@ -53,7 +63,7 @@ def is_scanned_blocks(keys: tuple[str, ...]) -> bool:
 def encoder_layer(keys: tuple[str, ...], depth: int) -> int:
     """Layer id of an unstacked parameter path: 0 stem, j + 1 for block_j, depth + 1 else."""
     if len(keys) >= 2 and keys[0] == "encoder":
-        if keys[1] in STEM_KEYS:
+        if is_stem(keys[1]):
             return 0
         match = _BLOCK.fullmatch(keys[1])
         if match:
@@ -107,7 +117,7 @@ def is_frozen(keys: tuple[str, ...], *, freeze_encoder: bool, frozen_blocks: int
     """Whether the (unstacked) parameter at `keys` is frozen.
 
     `freeze_encoder`: the whole encoder (final norm included). Otherwise `frozen_blocks` > 0
-    freezes the stem (patch embedding, cls token) and blocks 0 .. frozen_blocks - 1.
+    freezes the stem (patch embedding, cls token, conv stem) and blocks 0 .. frozen_blocks - 1.
     """
     if not keys or keys[0] != "encoder":
         return False
@@ -115,7 +125,7 @@ def is_frozen(keys: tuple[str, ...], *, freeze_encoder: bool, frozen_blocks: int
         return True
     if frozen_blocks <= 0 or len(keys) < 2:
         return False
-    if keys[1] in STEM_KEYS:
+    if is_stem(keys[1]):
         return True
     match = _BLOCK.fullmatch(keys[1])
     return match is not None and int(match.group(1)) < frozen_blocks

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,7 @@ from cmae_jax import config_validation, losses, sharding, train_state, weights  
 from cmae_jax.config_defaults import IMAGENET_MEAN, eval_config  # noqa: E402
 from cmae_jax.evaluation import features  # noqa: E402
 from cmae_jax.interop import convert, export, import_checkpoint  # noqa: E402
+from cmae_jax.interop.architecture import architecture_of  # noqa: E402
 from cmae_jax.models import vit  # noqa: E402
 from cmae_jax.models.cmae import CMAE  # noqa: E402
 from cmae_jax.models.encoder_spec import EncoderSpec  # noqa: E402
@@ -648,6 +650,16 @@ def test_convert_export_round_trip(hf_folder, inputs, tmp_path):
         f"blocks.{i}.{b}.{k}" for i in range(DEPTH) for b in block for k in ("weight", "bias")
     }
     assert keys == timm_keys
+
+
+def test_export_refuses_an_encoder_with_a_conv_stem():
+    """The formats have no place for a conv stem; writing one without it would be wrong."""
+    encoder = tiny_encoder(stem_channels=4, channels=3).encoder()
+    images = jnp.zeros((1, SIZE, SIZE, 3))
+    params = jax.eval_shape(lambda: encoder.init(jax.random.key(0), images))["params"]
+    params = jax.tree.map(np.zeros_like, nn.meta.unbox(params))
+    with pytest.raises(ValueError, match=r"convolutional patch stem \(stem_conv0, stem_conv1, "):
+        architecture_of({"encoder": params}, SIZE)
 
 
 # -------------------------------------------------------------------------- Bad input

@@ -297,6 +297,16 @@ def test_frozen_split_of_stage_three_and_stage_two():
     assert set(trainable) == {"projector", "predictor"} and set(frozen) == {"encoder"}
 
 
+def test_a_conv_stem_is_frozen_and_decayed_with_the_patch_embedding():
+    stem = ("encoder", "stem_conv0", "kernel")
+    assert param_groups.lr_multiplier(stem, depth=4, decay=0.65) == pytest.approx(0.65**5)
+    assert param_groups.is_frozen(stem, freeze_encoder=False, frozen_blocks=1)
+    assert not param_groups.is_frozen(stem, freeze_encoder=False, frozen_blocks=0)
+    assert param_groups.is_frozen(stem, freeze_encoder=True, frozen_blocks=0)
+    # Only the encoder's own keys: a head layer of that name is not the stem.
+    assert param_groups.lr_multiplier(("projector", "stem_conv0"), 4, 0.65) == 1.0
+
+
 def test_param_groups_of_scanned_blocks():
     stacked = ("encoder", "blocks", "attn", "qkv", "kernel")
     # Row j of a stacked leaf is block j: multiplier 0.65 ** (depth - j); a leaf cut to its

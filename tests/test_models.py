@@ -217,6 +217,51 @@ def test_encoder_all_ids_equals_none():
     assert part.tokens.shape == (2, 3, 16)
 
 
+def _conv3x3_same(x, kernel, bias):
+    """Flax's 3x3 'SAME' convolution (cross-correlation) of one [h, w, c] image, by loops."""
+    h, w, _ = x.shape
+    padded = np.pad(x, ((1, 1), (1, 1), (0, 0)))
+    out = np.empty((h, w, kernel.shape[-1]))
+    for r in range(h):
+        for c in range(w):
+            out[r, c] = np.einsum("ijk,ijko->o", padded[r : r + 3, c : c + 3], kernel) + bias
+    return out
+
+
+def test_conv_stem_encoder_matches_numpy_convs_on_each_visible_patch_alone():
+    """Each visible patch, cut out and zero-padded alone, goes through 3x3 conv -> LN ->
+    GELU twice, then the patch embedding: what no pixel of another patch can reach."""
+    enc = vit.Encoder(width=8, depth=0, num_heads=2, mlp_dim=16, patch_size=3, stem_channels=4)
+    images = np.asarray(jax.random.normal(jax.random.key(7), (2, 6, 9, 2)))  # grid 2x3
+    ids_keep, _ = _ids(2, 6, 2, seed=1)
+    variables = _init(enc, 8, images, ids_keep)
+    params = _np(_params(variables))
+    assert sorted(k for k in params if k.startswith(vit.STEM_PREFIX)) == [
+        "stem_conv0", "stem_conv1", "stem_norm0", "stem_norm1"
+    ]  # fmt: skip
+    out = _apply(enc, variables, images, ids_keep)
+
+    gelu = np.vectorize(lambda v: 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))))
+    patches = np.asarray(vit.patchify(images, 3)).reshape(2, 6, 3, 3, 2)
+    posemb = vit.sincos_2d_posemb(8, 2, 3)
+    prenorm = np.zeros((2, 3, 8))
+    for b in range(2):
+        prenorm[b, 0] = params["cls"][0, 0]
+        for slot, n in enumerate(ids_keep[b]):
+            y = patches[b, n]
+            for i in range(vit.STEM_LAYERS):
+                conv, norm = params[f"stem_conv{i}"], params[f"stem_norm{i}"]
+                y = gelu(_ln(_conv3x3_same(y, conv["kernel"], conv["bias"]), **norm))
+            kernel = params["embedding"]["kernel"]  # [3, 3, 4, 8]: one token per patch
+            token = np.einsum("ijk,ijko->o", y, kernel) + params["embedding"]["bias"]
+            prenorm[b, 1 + slot] = token + posemb[n]
+    np.testing.assert_allclose(out.prenorm, prenorm, rtol=1e-4, atol=1e-5)
+    # All patches (the target branch's call) give the same tokens where they are kept.
+    full = _apply(enc, variables, images).prenorm
+    kept = np.take_along_axis(np.asarray(full[:, 1:]), ids_keep[:, :, None], axis=1)
+    np.testing.assert_allclose(out.prenorm[:, 1:], kept, rtol=1e-5, atol=1e-6)
+
+
 def test_encoder_sows_float32_attention_in_bf16():
     enc = vit.Encoder(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4, dtype=jnp.bfloat16)
     images = jax.random.normal(jax.random.key(7), (2, 8, 8, 1))
@@ -567,6 +612,11 @@ def test_encoder_spec_from_config_and_its_checks():
         EncoderSpec.from_config(model_cfg, input_cfg)
     with pytest.raises(ValueError, match="Encoder mlp_dim=0: .* must be positive"):
         EncoderSpec(width=8, depth=1, num_heads=2, mlp_dim=0, patch_size=4)
+    model_cfg.width, model_cfg.stem_channels = None, 16
+    assert EncoderSpec.from_config(model_cfg, input_cfg).encoder().stem_channels == 16
+    model_cfg.stem_channels = -1
+    with pytest.raises(ValueError, match="stem_channels=-1: 0 for the linear patch"):
+        EncoderSpec.from_config(model_cfg, input_cfg)
     # The spec builds the encoder the models hold: same sizes, its own overrides on top.
     encoder = TINY_ENCODER.encoder(drop_path=0.2)
     assert (encoder.width, encoder.depth, encoder.num_heads, encoder.mlp_dim) == (16, 2, 2, 32)

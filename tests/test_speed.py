@@ -61,6 +61,16 @@ def test_benchmark_flops_of_a_tiny_mae_equal_a_hand_count():
     assert benchmark.flops_per_image(config) == by_hand
 
 
+def test_benchmark_flops_of_a_conv_stem_equal_a_hand_count():
+    config = tiny_mae_config()
+    plain = benchmark.flops_per_image(config)
+    config.model.stem_channels = 8
+    # On each of the 4 visible 4x4 patches (1 channel): 3x3 convs 1 -> 8 and 8 -> 8 on its
+    # 16 pixels; the embedding then reads 16 x 8 features instead of 16 pixels.
+    stem = matmul_flops((4 * 16, 9, 8), (4 * 16, 72, 8), (4, 16 * 8, 32))
+    assert benchmark.flops_per_image(config) == plain + 3 * (stem - matmul_flops((4, 16, 32)))
+
+
 def test_hf_vitmae_of_the_benchmark_has_our_mae_sizes():
     """--vs=hf times HF's ViTMAEForPreTraining built with the config's encoder and decoder:
     the same trainable parameters as our MAE (HF's fixed sin-cos tables are frozen)."""

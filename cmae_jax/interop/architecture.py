@@ -174,8 +174,15 @@ def _tree_depth_and_heads(tree: dict[str, Any]) -> tuple[int, int]:
 
 def architecture_of(params: dict[str, Any], image_size: int) -> Architecture:
     """The architecture of this project's params (unrolled blocks): encoder and, when
-    present, pixel decoder."""
+    present, pixel decoder; ValueError for an encoder those formats cannot hold."""
     encoder = params["encoder"]
+    stem = sorted(key for key in encoder if key.startswith(vit.STEM_PREFIX))
+    if stem:
+        raise ValueError(
+            f"This encoder has a convolutional patch stem ({', '.join(stem)}: "
+            "config.model.stem_channels > 0), which the ViT of MAE, timm and HF ViTMAE has "
+            "no place for. Export an encoder trained with config.model.stem_channels=0."
+        )
     patch, _, channels, width = encoder["embedding"]["kernel"].shape
     depth, heads = _tree_depth_and_heads(encoder)
     pixel_decoder = None

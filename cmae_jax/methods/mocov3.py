@@ -18,7 +18,8 @@ Frozen patch projection (config.mocov3.frozen_patch_projection, the official
 --stop-grad-conv1): params['encoder']['embedding'] keeps its random init. It is kept out of
 the differentiated and optimised tree (no gradient, no Adam moments, no weight decay) and
 of the EMA copy (the momentum branch reads it as it is, which is its EMA), so it stays
-bit-identical.
+bit-identical. With a conv stem (config.model.stem_channels > 0) only that last linear
+map of the patch is frozen; the stem's conv layers before it train.
 
 Where we depart from the official code (all small):
   * the ViT is the project's MAE encoder: a fused qkv initialised with xavier over the
@@ -324,7 +325,9 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     encoder = flops.encoder_flops(spec, tokens, channels)
     embedding = flops.encoder_flops(spec, tokens, channels, depth=0)
     projector, predictor = flops.projector_predictor_flops(model)
-    frozen = embedding if config.mocov3.frozen_patch_projection else 0.0
+    # A frozen projection runs forward only unless a trained conv stem sits below it.
+    frozen_forward_only = config.mocov3.frozen_patch_projection and not spec.stem_channels
+    frozen = embedding if frozen_forward_only else 0.0
     trained = encoder - frozen + projector + predictor
     trained += 2 * config.input.global_batch_size * model.projection_dim  # a logits row a view
     momentum = encoder + projector

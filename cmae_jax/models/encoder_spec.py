@@ -46,6 +46,7 @@ class EncoderSpec:
     dtype: Any = jnp.float32  # compute dtype; parameters are float32 whatever it is
     remat: str = "none"  # remat policy of every transformer block (vit.REMAT_POLICIES)
     scan_layers: bool = False  # nn.scan over the blocks (stacked parameters)
+    stem_channels: int = 0  # > 0: patch-local conv stem of this width (vit.conv_stem)
 
     def __post_init__(self) -> None:
         positive = ("width", "num_heads", "mlp_dim", "patch_size", "channels")
@@ -54,6 +55,11 @@ class EncoderSpec:
         if bad:
             raise ValueError(
                 f"Encoder {', '.join(bad)}: {', '.join(positive)} must be positive, depth >= 0."
+            )
+        if self.stem_channels < 0:
+            raise ValueError(
+                f"config.model.stem_channels={self.stem_channels}: 0 for the linear patch "
+                "embedding, or a positive channel count for the conv stem (e.g. 16)."
             )
         if self.width % self.num_heads:
             raise ValueError(
@@ -77,9 +83,9 @@ class EncoderSpec:
 
     @classmethod
     def from_config(cls, model_cfg: Any, input_cfg: Any) -> EncoderSpec:
-        """The encoder config.model (variant, size overrides, dtype, remat, scan_layers) and
-        config.input (patch_size, channels, image_size) describe; ValueError naming the key
-        and the fix for one that cannot work."""
+        """The encoder config.model (variant, size overrides, dtype, remat, scan_layers,
+        stem_channels) and config.input (patch_size, channels, image_size) describe;
+        ValueError naming the key and the fix for one that cannot work."""
         sizes = vit.parse_variant(model_cfg.variant)
         for key in OVERRIDES:
             if model_cfg.get(key) is not None:
@@ -105,6 +111,7 @@ class EncoderSpec:
             dtype=DTYPES[resolve_dtype(model_cfg.get("dtype") or "float32")],
             remat=remat,
             scan_layers=bool(model_cfg.get("scan_layers") or False),
+            stem_channels=int(model_cfg.get("stem_channels") or 0),
         )
 
     def encoder(self, **overrides: Any) -> vit.Encoder:
@@ -118,5 +125,6 @@ class EncoderSpec:
             dtype=self.dtype,
             remat=self.remat,
             scan_layers=self.scan_layers,
+            stem_channels=self.stem_channels,
             **overrides,
         )

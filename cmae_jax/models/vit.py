@@ -376,6 +376,46 @@ def block_stack(
     return x
 
 
+# Layers of the optional convolutional patch stem (Encoder.stem_channels > 0); its
+# parameters are named STEM_PREFIX + conv<i> / norm<i>.
+STEM_LAYERS = 2
+STEM_PREFIX = "stem_"
+
+
+def conv_stem(patches: jax.Array, channels: int, dtype: Dtype) -> jax.Array:
+    """Patch-local 3x3 conv -> LayerNorm -> GELU layers (call inside a compact method).
+
+    [M, p, p, C] single patches -> [M, p, p, channels]. Each patch is zero-padded at its own
+    border, so a token never sees another patch's pixels: the encoder of the visible
+    patches still knows nothing of the masked ones. Early convolutions help a ViT learn
+    faster on small images (Xiao et al. 2021, "Early convolutions help transformers see
+    better"); kept patch-local here, like the hMLP stem of Touvron et al. 2022, so that
+    masked pretraining stays exact.
+    """
+    y = patches
+    for i in range(STEM_LAYERS):
+        y = nn.Conv(
+            channels,
+            kernel_size=(3, 3),
+            padding="SAME",
+            dtype=dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, None)
+            ),
+            bias_init=nn.with_logical_partitioning(zeros, (None,)),
+            name=f"{STEM_PREFIX}conv{i}",
+        )(y)
+        y = nn.LayerNorm(
+            epsilon=LN_EPS,
+            dtype=dtype,
+            scale_init=nn.with_logical_partitioning(ones, (None,)),
+            bias_init=nn.with_logical_partitioning(zeros, (None,)),
+            name=f"{STEM_PREFIX}norm{i}",
+        )(y)
+        y = nn.gelu(y, approximate=False)
+    return y
+
+
 @flax.struct.dataclass
 class EncoderOutput:
     """Encoder tokens, cls first: `tokens` after the final LayerNorm, `prenorm` before it."""
@@ -394,6 +434,9 @@ class Encoder(nn.Module):
 
     Order (MAE): patch embed -> + sin-cos pos-emb -> gather ids_keep -> prepend cls (zero
     pos-emb) -> blocks -> final LayerNorm. Params: embedding (Conv), cls, block_i, norm.
+    With `stem_channels` > 0 the patches are gathered first and each goes through
+    `conv_stem` (params stem_conv<i>, stem_norm<i>) before the embedding, which then maps
+    the stem's [p, p, stem_channels] features of a patch to one token.
     """
 
     width: int
@@ -405,6 +448,7 @@ class Encoder(nn.Module):
     remat: bool | str = "none"  # remat policy of the blocks (REMAT_POLICIES); saves memory
     scan_layers: bool = False  # run the blocks with nn.scan (stacked parameters)
     drop_path: float = 0.0  # stochastic depth rate of the last block (fine-tuning), with train
+    stem_channels: int = 0  # > 0: conv_stem of this width before the patch embedding
 
     @nn.compact
     def __call__(
@@ -422,7 +466,7 @@ class Encoder(nn.Module):
         patch_init = nn.initializers.variance_scaling(
             1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
         )
-        x = nn.Conv(
+        embedding = nn.Conv(
             self.width,
             kernel_size=(p, p),
             strides=(p, p),
@@ -431,11 +475,25 @@ class Encoder(nn.Module):
             kernel_init=nn.with_logical_partitioning(patch_init, (None, None, None, "embed")),
             bias_init=nn.with_logical_partitioning(zeros, ("embed",)),
             name="embedding",
-        )(images.astype(self.dtype))
-        x = x.reshape(b, grid_h * grid_w, self.width)
-        x = x + jnp.asarray(sincos_2d_posemb(self.width, grid_h, grid_w), self.dtype)[None]
-        if ids_keep is not None:
-            x = jnp.take_along_axis(x, ids_keep[:, :, None].astype(jnp.int32), axis=1)
+        )
+        posemb = jnp.asarray(sincos_2d_posemb(self.width, grid_h, grid_w), self.dtype)[None]
+        if self.stem_channels:
+            # The stem runs on the visible patches only: gather first, then convolve.
+            c = images.shape[-1]
+            patches = patchify(images.astype(self.dtype), p).reshape(b, grid_h * grid_w, p, p, c)
+            posemb = jnp.broadcast_to(posemb, (b, grid_h * grid_w, self.width))
+            if ids_keep is not None:
+                ids = ids_keep.astype(jnp.int32)
+                patches = jnp.take_along_axis(patches, ids[:, :, None, None, None], axis=1)
+                posemb = jnp.take_along_axis(posemb, ids[:, :, None], axis=1)
+            kept = patches.shape[1]
+            features = conv_stem(patches.reshape(b * kept, p, p, c), self.stem_channels, self.dtype)
+            x = embedding(features).reshape(b, kept, self.width) + posemb
+        else:
+            x = embedding(images.astype(self.dtype)).reshape(b, grid_h * grid_w, self.width)
+            x = x + posemb
+            if ids_keep is not None:
+                x = jnp.take_along_axis(x, ids_keep[:, :, None].astype(jnp.int32), axis=1)
         cls = self.param(
             "cls",
             nn.with_logical_partitioning(
@@ -483,6 +541,7 @@ __all__: Sequence[str] = (
     "attention_weights",
     "block_class",
     "block_stack",
+    "conv_stem",
     "count_params",
     "dot_product_attention",
     "drop_path",
