@@ -345,16 +345,17 @@ def plot(curves: dict[str, list[dict]], pixels_knn: float | None, path: str) -> 
     plt.close(figure)
 
 
-def main() -> None:
-    """Pretrains, evaluates and writes representation.json, curves.png and table.md."""
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of the benchmark (sys.argv when `argv` is None)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument(
-        "--epochs", type=float, default=0, help="pretraining epochs (0: the config's)"
+        "--epochs", type=int, default=0, help="pretraining epochs (0: the config's)"
     )
-    parser.add_argument("--maect_head_epochs", type=float, default=0)
-    parser.add_argument("--maect_tune_epochs", type=float, default=0)
+    # Whole epochs: the configs' num_epochs are integers (the run's flag parser refuses 2.0).
+    parser.add_argument("--maect_head_epochs", type=int, default=0)
+    parser.add_argument("--maect_tune_epochs", type=int, default=0)
     parser.add_argument(
         "--total_steps", type=int, default=0, help="> 0: steps per run (smoke tests)"
     )
@@ -370,8 +371,14 @@ def main() -> None:
     parser.add_argument(
         "--eval_set", action="append", default=[], help="KEY=VALUE for every evaluation"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.protocols = [p for p in args.protocols.split(",") if p]
+    return args
+
+
+def main() -> None:
+    """Pretrains, evaluates and writes representation.json, curves.png and table.md."""
+    args = parse_arguments()
     methods = available_methods([m for m in args.methods.split(",") if m])
     os.makedirs(args.workdir, exist_ok=True)
 

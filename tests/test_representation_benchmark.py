@@ -126,3 +126,44 @@ def test_a_second_start_reuses_everything(benchmark_run):
     assert "evaluating" not in out.stdout
     for name, mtime in before.items():
         assert os.path.getmtime(os.path.join(workdir, name, "metrics.jsonl")) == mtime
+
+
+def test_epoch_budgets_reach_every_run_through_the_runs_own_flag_parser(small_fashion_mnist):
+    """--epochs and the MAE-CT stage epochs become overrides that cmae_jax.main accepts."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import representation  # benchmarks/ is not a package
+
+    args = representation.parse_arguments(
+        [
+            "--workdir=/nonexistent",
+            f"--set=dataset.idx_dir={small_fashion_mnist}",
+            "--epochs=3",
+            "--maect_head_epochs=2",
+            "--maect_tune_epochs=4",
+        ]
+    )
+    parsed = {}
+    for method in representation.METHODS:
+        command = representation.pretraining_runs(method, "/nonexistent", args)[-1].command
+        # main's --config flag, reading its --config.key=value overrides from this argv.
+        argv = [command[0], *(a for a in command[3:] if a.startswith("--config"))]
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file(
+            "config", None, flag_values=flag_values, lock_config=True, sys_argv=argv
+        )
+        cwd = os.getcwd()
+        os.chdir(REPO)  # the command names its config relative to the repository
+        try:
+            flag_values(argv)
+        finally:
+            os.chdir(cwd)
+        parsed[method] = flag_values.config
+    assert parsed["mae"].num_epochs == parsed["cmae"].num_epochs == 3
+    assert parsed["mocov3"].num_epochs == 3
+    assert parsed["supervised"].finetune.num_epochs == 3
+    assert parsed["maect"].stages.head.num_epochs == 2
+    assert parsed["maect"].stages.tune.num_epochs == 4
+    assert parsed["maect"].stages.head.init_from == "/nonexistent/mae"
