@@ -19,13 +19,20 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
     return float(depth * (tokens * per_token + attention))
 
 
+def patch_projection_flops(spec: Any, tokens: int, channels: int) -> float:
+    """Forward FLOPs of the patch embedding's projection alone (each patch's pixels, or its
+    conv stem's features, to one token) for tokens - 1 patches."""
+    pixels = spec.patch_size * spec.patch_size
+    return float(2 * (tokens - 1) * pixels * (spec.stem_channels or channels) * spec.width)
+
+
 def encoder_flops(spec: Any, tokens: int, channels: int, depth: int | None = None) -> float:
     """Forward FLOPs of the ViT encoder `spec` (a models.encoder_spec.EncoderSpec) on cls +
     tokens - 1 patches of `channels`-channel images: patch embedding (with its conv stem,
     if any) and `depth` blocks (default all)."""
     pixels = spec.patch_size * spec.patch_size
     stem = spec.stem_channels
-    embed = 2 * (tokens - 1) * pixels * (stem or channels) * spec.width
+    embed = patch_projection_flops(spec, tokens, channels)
     if stem:  # two 3x3 conv layers on every pixel of every patch (models.vit.conv_stem)
         embed += 2 * (tokens - 1) * pixels * 9 * (channels * stem + stem * stem)
     depth = spec.depth if depth is None else depth
@@ -53,7 +60,9 @@ def projector_predictor_flops(model: Any) -> tuple[float, float]:
     return projector, predictor
 
 
-def two_view_update_flops(trained: float, forward_only: float) -> float:
+def two_view_update_flops(trained: float, forward_only: float, pass_through: float = 0.0) -> float:
     """FLOPs of one example's update in a two-view step from one view's forward FLOPs: the
-    trained part runs forward and backward (3x), the rest forward only, each for both views."""
-    return float(2 * (3 * trained + forward_only))
+    trained part runs forward and backward (3x), the rest forward only, each for both views;
+    `pass_through` is frozen but has trained layers below it, so its backward pass computes
+    the gradient of its input and not of its weights (2x)."""
+    return float(2 * (3 * trained + 2 * pass_through + forward_only))

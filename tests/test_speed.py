@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_mocov3 import tiny_config as tiny_mocov3_config
 
 from cmae_jax import sharding
 from cmae_jax.config_defaults import fashion_mnist_config, fashion_mnist_maect_config, set_variant
@@ -71,6 +72,33 @@ def test_benchmark_flops_of_a_conv_stem_equal_a_hand_count():
     assert benchmark.flops_per_image(config) == plain + 3 * (stem - matmul_flops((4, 16, 32)))
 
 
+def test_benchmark_flops_of_mocov3_equal_a_hand_count_with_and_without_a_conv_stem():
+    config = tiny_mocov3_config("unused")
+    # One view: cls + 16 patches of 4x4 grey pixels, width 32, MLP 128, two blocks; the
+    # projector 32 -> 64 -> 64 -> 32, the predictor 32 -> 64 -> 32, a logits row of 32 keys.
+    blocks = matmul_flops(*block_matmuls(17, 32, 128) * 2)
+    projection = matmul_flops((16, 16, 32))
+    projector = matmul_flops((1, 32, 64), (1, 64, 64), (1, 64, 32))
+    heads = projector + matmul_flops((1, 32, 64), (1, 64, 32), (1, 32, 32))
+    momentum = projection + blocks + projector
+    # The recipe: the random patch projection is frozen, so it runs forward only.
+    per_view = 3 * (blocks + heads) + projection + momentum
+    assert benchmark.flops_per_image(config) == 2 * per_view
+    config.mocov3.frozen_patch_projection = False
+    per_view = 3 * (projection + blocks + heads) + momentum
+    assert benchmark.flops_per_image(config) == 2 * per_view
+    # A conv stem of 8 channels below the frozen projection: its two 3x3 convs on each
+    # pixel of the 16 patches train (3x); the projection, now 16 x 8 features -> 32, passes
+    # their gradient on (2x: no weight gradient).
+    config.mocov3.frozen_patch_projection = True
+    config.model.stem_channels = 8
+    convs = matmul_flops((16 * 16, 9, 8), (16 * 16, 72, 8))
+    projection = matmul_flops((16, 16 * 8, 32))
+    momentum = convs + projection + blocks + projector
+    per_view = 3 * (convs + blocks + heads) + 2 * projection + momentum
+    assert benchmark.flops_per_image(config) == 2 * per_view
+
+
 def test_hf_vitmae_of_the_benchmark_has_our_mae_sizes():
     """--vs=hf times HF's ViTMAEForPreTraining built with the config's encoder and decoder:
     the same trainable parameters as our MAE (HF's fixed sin-cos tables are frozen)."""
@@ -109,6 +137,10 @@ def test_benchmark_flops_of_a_maect_stage_equal_a_hand_count():
     ema_projector = matmul_flops((1, 32, 64), (1, 64, 64), (1, 64, 8))
     lookup = matmul_flops((1, 8, 100))  # against the queue of 100
     per_view = 3 * trained + frozen + ema_projector + lookup
+    assert benchmark.flops_per_image(config, "3_tune") == 2 * per_view
+    # No frozen block: nothing of the encoder is frozen, the patch embedding trains too.
+    config.stages.tune.frozen_blocks = 0
+    per_view = 3 * (trained + frozen) + ema_projector + lookup
     assert benchmark.flops_per_image(config, "3_tune") == 2 * per_view
 
 

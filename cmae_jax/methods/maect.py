@@ -630,10 +630,10 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     """Analytic FLOPs of one example's update in stage 2 or 3 (matmuls and attention).
 
     Two whole views pass the encoder, projector and predictor; the frozen part of the
-    encoder (all of it in stage 2; patch embedding and the first `frozen_blocks` blocks in
-    stage 3) runs forward only, everything else 3x. The EMA projector and the top-k lookup
-    in the queue (query x queue) run forward only; the two NNCLR logits rows (neighbour x
-    batch) count 3x.
+    encoder (all of it in stage 2; in stage 3 the patch embedding and the first
+    `frozen_blocks` blocks, none of it when that is 0) runs forward only, everything else
+    3x. The EMA projector and the top-k lookup in the queue (query x queue) run forward
+    only; the two NNCLR logits rows (neighbour x batch) count 3x.
     """
     stage = _stage(config)
     model = maect_model.build_model(config.model, config.input, config.maect)
@@ -641,11 +641,13 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     tokens = flops.view_tokens(config.input.image_size, spec.patch_size)
     dim = model.projection_dim
     channels = config.input.channels
+    encoder = flops.encoder_flops(spec, tokens, channels)
+    frozen = 0.0  # frozen_blocks = 0: the stem trains too (param_groups.is_frozen)
     if stage.freeze_encoder:
-        frozen, trained = flops.encoder_flops(spec, tokens, channels), 0.0
-    else:
+        frozen = encoder
+    elif stage.frozen_blocks:
         frozen = flops.encoder_flops(spec, tokens, channels, depth=stage.frozen_blocks)
-        trained = flops.encoder_flops(spec, tokens, channels) - frozen
+    trained = encoder - frozen
     projector, predictor = flops.projector_predictor_flops(model)
     trained += projector + predictor + 2 * config.input.global_batch_size * dim  # a row a view
     forward_only = frozen + 2 * config.maect.queue_size * dim

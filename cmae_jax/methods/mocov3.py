@@ -315,7 +315,8 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     """Analytic FLOPs of one example's share of a step, as the other methods count them.
 
     Two whole views pass the online encoder, projector and predictor (3x: forward and
-    backward; a frozen patch projection forward only) and the momentum encoder and
+    backward; a frozen patch projection forward only, or 2x above a trained conv stem) and
+    the momentum encoder and
     projector (forward only); each view's query meets the global batch's keys (3x).
     """
     model = mocov3_model.build_model(config.model, config.input, config.mocov3)
@@ -323,14 +324,16 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     tokens = flops.view_tokens(config.input.image_size, spec.patch_size)
     channels = config.input.channels
     encoder = flops.encoder_flops(spec, tokens, channels)
-    embedding = flops.encoder_flops(spec, tokens, channels, depth=0)
     projector, predictor = flops.projector_predictor_flops(model)
-    # A frozen projection runs forward only unless a trained conv stem sits below it.
-    frozen_forward_only = config.mocov3.frozen_patch_projection and not spec.stem_channels
-    frozen = embedding if frozen_forward_only else 0.0
+    frozen = 0.0
+    if config.mocov3.frozen_patch_projection:
+        frozen = flops.patch_projection_flops(spec, tokens, channels)
     trained = encoder - frozen + projector + predictor
     trained += 2 * config.input.global_batch_size * model.projection_dim  # a logits row a view
     momentum = encoder + projector
+    # Below a frozen projection a conv stem trains: the gradient passes through it.
+    if spec.stem_channels:
+        return flops.two_view_update_flops(trained, momentum, pass_through=frozen)
     return flops.two_view_update_flops(trained, frozen + momentum)
 
 
