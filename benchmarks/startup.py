@@ -2,6 +2,7 @@ r"""Time to first step of `python -m cmae_jax.main`, cold and warm compilation c
 
     python benchmarks/startup.py                                   # the Fashion-MNIST CMAE demo
     python benchmarks/startup.py --config=configs/fashion_mnist_mae.py --runs=cold,warm,off
+    python benchmarks/startup.py --set=model.depth=2      # any --config.KEY=VALUE, every run
 
 Runs the command to its first logged training step (--config.total_steps=1, no k-NN) in
 fresh processes and workdirs: 'cold' with an empty persistent compilation cache, 'warm'
@@ -80,6 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/fashion_mnist_cmae.py")
     parser.add_argument("--runs", default="cold,warm", help="cold, warm and/or off, in order")
+    parser.add_argument(
+        "--set", action="append", default=[], help="KEY=VALUE: --config.KEY=VALUE for every run"
+    )
     args = parser.parse_args()
     env = {**os.environ, "JAX_LOG_COMPILES": "1"}
     results = {}
@@ -96,6 +100,7 @@ def main() -> None:
                 "--config.eval.knn=False",
                 f"--config.compilation_cache_dir={'' if run == 'off' else cache}",
                 "--alsologtostderr",
+                *(f"--config.{pair.removeprefix('config.')}" for pair in args.set),
             ]
             results[run] = phases(timed_lines(command, env, until="step 1/"))
             print(f"{run}: {results[run]['total to first step']:.1f} s to the first step")

@@ -1,5 +1,5 @@
 """Speed work kept honest: FLOP counts by hand, the compilation cache, the fused attention,
-and start-up without matplotlib."""
+start-up without matplotlib, and the start-up and input benchmarks run end to end."""
 
 import math
 import os
@@ -236,3 +236,68 @@ def test_the_training_path_imports_no_matplotlib():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# The benchmarks behind the README's speed tables, run end to end on tiny inputs: they must
+# keep working as the code under them changes (the numbers are theirs to print, not ours).
+
+
+def test_startup_benchmark_splits_a_cold_and_a_warm_start(small_fashion_mnist):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/startup.py",
+            "--config=configs/fashion_mnist_mae.py",
+            "--runs=cold,warm",
+            f"--set=dataset.idx_dir={small_fashion_mnist}",
+            "--set=input.global_batch_size=16",
+            "--set=model.depth=1",
+            "--set=model.width=32",
+            "--set=model.num_heads=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("| "):
+            name, *cells = (cell.strip() for cell in line.strip().strip("|").split("|"))
+            rows[name] = cells
+    assert rows["seconds"] == ["cold", "warm"]
+    cold_hits, warm_hits = (int(cell) for cell in rows["cache hits"])
+    # The warm run finds the step and the init that the cold run compiled and stored.
+    assert cold_hits == 0 and warm_hits >= 2
+    cold, warm = (float(cell) for cell in rows["total to first step"])
+    assert cold > 0 and warm > 0
+    assert float(rows["compile step"][0]) > 0
+
+
+def test_input_pipeline_benchmark_measures_every_row(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/input_pipeline.py",
+            "--num_images=8",
+            "--height=80",
+            "--width=72",
+            "--batch_size=4",
+            "--image_size=64",
+            "--shift=4",
+            "--batches=2",
+            "--warmup=1",
+            "--pil_batches=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for row in ("fused decode+crop", "full decode then crop", "synthetic images", "PIL + NumPy"):
+        line = next(line for line in out.stdout.splitlines() if row in line)
+        rates = [float(x) for x in line.split()[-4:]]
+        assert all(rate > 0 for rate in rates), line
+    assert "Ratio tf.data / PIL per core:" in out.stdout
