@@ -242,27 +242,32 @@ def test_the_training_path_imports_no_matplotlib():
 # keep working as the code under them changes (the numbers are theirs to print, not ours).
 
 
-def test_startup_benchmark_splits_a_cold_and_a_warm_start(small_fashion_mnist):
+def run_benchmark(script: str, *flags: str) -> str:
+    """The stdout of `python benchmarks/<script> <flags>`, which must succeed."""
     out = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/startup.py",
-            "--config=configs/fashion_mnist_mae.py",
-            "--runs=cold,warm",
-            f"--set=dataset.idx_dir={small_fashion_mnist}",
-            "--set=input.global_batch_size=16",
-            "--set=model.depth=1",
-            "--set=model.width=32",
-            "--set=model.num_heads=2",
-        ],
+        [sys.executable, f"benchmarks/{script}", *flags],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_startup_benchmark_splits_a_cold_and_a_warm_start(small_fashion_mnist):
+    stdout = run_benchmark(
+        "startup.py",
+        "--config=configs/fashion_mnist_mae.py",
+        "--runs=cold,warm",
+        f"--set=dataset.idx_dir={small_fashion_mnist}",
+        "--set=input.global_batch_size=16",
+        "--set=model.depth=1",
+        "--set=model.width=32",
+        "--set=model.num_heads=2",
+    )
     rows = {}
-    for line in out.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("| "):
             name, *cells = (cell.strip() for cell in line.strip().strip("|").split("|"))
             rows[name] = cells
@@ -275,29 +280,21 @@ def test_startup_benchmark_splits_a_cold_and_a_warm_start(small_fashion_mnist):
     assert float(rows["compile step"][0]) > 0
 
 
-def test_input_pipeline_benchmark_measures_every_row(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/input_pipeline.py",
-            "--num_images=8",
-            "--height=80",
-            "--width=72",
-            "--batch_size=4",
-            "--image_size=64",
-            "--shift=4",
-            "--batches=2",
-            "--warmup=1",
-            "--pil_batches=1",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
+def test_input_pipeline_benchmark_measures_every_row():
+    stdout = run_benchmark(
+        "input_pipeline.py",
+        "--num_images=8",
+        "--height=80",
+        "--width=72",
+        "--batch_size=4",
+        "--image_size=64",
+        "--shift=4",
+        "--batches=2",
+        "--warmup=1",
+        "--pil_batches=1",
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for row in ("fused decode+crop", "full decode then crop", "synthetic images", "PIL + NumPy"):
-        line = next(line for line in out.stdout.splitlines() if row in line)
+        line = next(line for line in stdout.splitlines() if row in line)
         rates = [float(x) for x in line.split()[-4:]]
         assert all(rate > 0 for rate in rates), line
-    assert "Ratio tf.data / PIL per core:" in out.stdout
+    assert "Ratio tf.data / PIL per core:" in stdout
