@@ -434,10 +434,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # Set by --lanes on the processes it starts: pretrain and evaluate these methods only.
     parser.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)
+    # Whole epochs: the configs' num_epochs are integers (the run's flag parser refuses 2.0).
     parser.add_argument(
         "--epochs", type=int, default=0, help="pretraining epochs (0: the config's)"
     )
-    # Whole epochs: the configs' num_epochs are integers (the run's flag parser refuses 2.0).
     parser.add_argument("--maect_head_epochs", type=int, default=0)
     parser.add_argument("--maect_tune_epochs", type=int, default=0)
     parser.add_argument(
