@@ -3,7 +3,6 @@ r"""Representation benchmark: pretrain every method on Fashion-MNIST, then score
     python benchmarks/representation.py --workdir=workdirs/representation
     python benchmarks/representation.py --workdir=W --methods=mae,cmae --epochs=2   # shorter
     python benchmarks/representation.py --workdir=W --minutes=20                     # per method
-    python benchmarks/representation.py --workdir=W --lanes=mae,maect,supervised:cmae,mocov3
 
 For each method (configs/fashion_mnist_<method>.py) it runs the README's pretraining command
 with a k-NN of the encoder every `--knn_every_epochs` epochs (the project's periodic k-NN:
@@ -18,11 +17,6 @@ The 'supervised' row is a reference, not a method: the same encoder trained from
 weights with the training images' labels (configs/fashion_mnist_supervised.py, the
 fine-tuning protocol), with the same periodic k-NN and the same evaluation; it is what
 this encoder reaches at that budget when it is told the classes.
-
-`--lanes` runs groups of methods side by side, one process per group pinned to its share of
-the cores (on a 2-core machine, one core each: the step of these small models gains less
-from a second core than a second run does); each lane pretrains and evaluates its methods,
-then this process evaluates the pixels and the random encoder and writes the summary.
 
 Everything is resumable: a finished pretraining (its results.json says complete) or
 evaluation (its eval_results.json exists) is not run again, and an interrupted pretraining
@@ -351,89 +345,11 @@ def plot(curves: dict[str, list[dict]], pixels_knn: float | None, path: str) -> 
     plt.close(figure)
 
 
-def lane_groups(spec: str, methods: list[str]) -> list[list[str]]:
-    """The methods of each lane of --lanes ('mae,maect:cmae'), each method of --methods once."""
-    lanes = [[m for m in group.split(",") if m] for group in spec.split(":")]
-    named = [m for lane in lanes for m in lane]
-    if any(not lane for lane in lanes) or sorted(named) != sorted(methods):
-        raise SystemExit(
-            f"--lanes={spec} must name each method of --methods ({','.join(methods)}) once, "
-            "lanes separated by ':', e.g. --lanes=mae,maect,supervised:cmae,mocov3."
-        )
-    for lane in lanes:
-        if "maect" in lane and "mae" not in lane:
-            raise SystemExit(
-                f"--lanes={spec}: MAE-CT starts from the MAE run; put them in one lane."
-            )
-    return [available_methods(lane) for lane in lanes]
-
-
-def lane_cores(num_lanes: int) -> list[set[int]]:
-    """The cores of each lane: this process's cores split into `num_lanes` even groups."""
-    if not hasattr(os, "sched_setaffinity"):
-        raise SystemExit("--lanes pins each lane to its own cores, which needs Linux.")
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < num_lanes:
-        raise SystemExit(
-            f"--lanes: {num_lanes} lanes need {num_lanes} cores, this process may use "
-            f"{len(cores)}; give fewer lanes or none."
-        )
-    return [
-        set(cores[i * len(cores) // num_lanes : (i + 1) * len(cores) // num_lanes])
-        for i in range(num_lanes)
-    ]
-
-
-def run_lanes(lanes: list[list[str]], workdir: str) -> None:
-    """Runs the benchmark once per lane, side by side, each process pinned to its cores;
-    their output goes to workdir/lane_<i>.log. Fails after all have ended if one failed."""
-    own, skip_value = [], False
-    for arg in sys.argv[1:]:  # this command line without its --lanes and --methods
-        if skip_value or arg.startswith(("--lanes", "--methods")):
-            skip_value = arg in ("--lanes", "--methods")  # its value is the next argument
-            continue
-        own.append(arg)
-    processes = []
-    for i, (lane, cores) in enumerate(zip(lanes, lane_cores(len(lanes)), strict=True)):
-        command = [sys.executable, os.path.abspath(__file__), *own, "--lane"]
-        command.append(f"--methods={','.join(lane)}")
-        log_path = os.path.join(workdir, f"lane_{i}.log")
-        print(
-            f"[lane {i}] cores {sorted(cores)}: {','.join(lane)}, output in {log_path}", flush=True
-        )
-        with open(log_path, "a") as log:
-            processes.append(
-                (
-                    log_path,
-                    subprocess.Popen(
-                        command,
-                        cwd=REPO,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        preexec_fn=lambda cores=cores: os.sched_setaffinity(0, cores),
-                    ),
-                )
-            )
-    failed = [path for path, process in processes if process.wait() != 0]
-    for path in failed:
-        with open(path) as log:
-            print(log.read()[-3000:], flush=True)
-    if failed:
-        raise SystemExit(f"Lanes failed: {', '.join(failed)} (their tails above).")
-
-
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line of the benchmark (sys.argv when `argv` is None)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument(
-        "--lanes",
-        default="",
-        help="methods run side by side, one lane per group of cores: 'mae,maect:cmae,mocov3'",
-    )
-    # Set by --lanes on the processes it starts: pretrain and evaluate these methods only.
-    parser.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)
     # Whole epochs: the configs' num_epochs are integers (the run's flag parser refuses 2.0).
     parser.add_argument(
         "--epochs", type=int, default=0, help="pretraining epochs (0: the config's)"
@@ -469,11 +385,8 @@ def main() -> None:
     runs = {method: pretraining_runs(method, args.workdir, args) for method in methods}
     used = {key for method in methods for key in runs[method][-1].overrides}
     unknown = set(parse_overrides(args.set)) - used
-    if unknown and not args.lane:  # a lane's keys may be for another lane's methods
+    if unknown:
         raise SystemExit(f"--set keys in no method's config: {', '.join(sorted(unknown))}.")
-    if args.lanes:
-        # The lanes pretrain and evaluate; what follows then finds all of it done.
-        run_lanes(lane_groups(args.lanes, methods), args.workdir)
     for method in methods:
         if all(run.complete() for run in runs[method]):
             print(f"[{method}] pretraining complete already", flush=True)
@@ -486,14 +399,10 @@ def main() -> None:
         curves[method], wall[method] = joined_curve(runs[method])
 
     encoders = {"raw pixels": ("pixels", "pixels"), "random init": ("random", "random")}
-    if args.lane:  # the baselines and the summary are the parent's
-        encoders = {}
     encoders.update({m: (m, runs[m][-1].encoder) for m in methods})
     results = {
         name: evaluate(short, init, args.workdir, args) for name, (short, init) in encoders.items()
     }
-    if args.lane:
-        return
     pixels_knn = results["raw pixels"].get("knn_top1")
     summary = dict(
         methods=methods,

@@ -12,8 +12,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # stage at the price of one pretraining (CMAE and MoCo v3 run end to end in their own tests);
 # the supervised reference is the one row trained by the fine-tuning protocol.
 METHODS = ("mae", "maect", "supervised")
-# Two lanes side by side where there are two cores (CI's machine), as the README runs it.
-LANES = "mae,maect:supervised" if len(os.sched_getaffinity(0)) >= 2 else ""
 # The evaluation folder of each table row (eval_<name>).
 EVAL_FOLDERS = {"raw pixels": "pixels", "random init": "random", **{m: m for m in METHODS}}
 
@@ -47,7 +45,6 @@ def benchmark_run(small_fashion_mnist, tmp_path_factory):
         "benchmarks/representation.py",
         f"--workdir={workdir}",
         f"--methods={','.join(METHODS)}",
-        *([f"--lanes={LANES}"] if LANES else []),
         "--total_steps=2",
         # 512 training images at batch 64: 8 steps per epoch, a k-NN every 2 steps.
         "--knn_every_epochs=0.25",
@@ -95,42 +92,6 @@ def test_every_output_is_written(benchmark_run):
     assert f"{100 * summary['results']['maect']['knn_top1']:.2f}%" in row
     with open(os.path.join(workdir, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.mark.skipif(not LANES, reason="lanes need two cores")
-def test_lanes_ran_their_methods_on_their_own_cores(benchmark_run):
-    workdir, stdout, _ = benchmark_run
-    lanes = {}
-    for line in stdout.splitlines():
-        if line.startswith("[lane "):  # [lane 0] cores [0]: mae,maect, output in ...
-            cores, methods = line.split("cores ")[1].split(", output")[0].split(": ")
-            lanes[line[6]] = (set(json.loads(cores)), methods.split(","))
-    assert [methods for _, methods in lanes.values()] == [["mae", "maect"], ["supervised"]]
-    assert not lanes["0"][0] & lanes["1"][0]
-    for lane, (_, methods) in lanes.items():
-        with open(os.path.join(workdir, f"lane_{lane}.log")) as f:
-            log = f.read()
-        for method in METHODS:
-            assert (f"[{method}] pretraining:" in log) == (method in methods), (lane, method)
-        # The baselines are evaluated once, by the benchmark itself, not by a lane.
-        assert "[pixels] evaluating" not in log
-    assert "[pixels] evaluating" in stdout
-
-
-def test_lanes_must_split_the_methods_and_keep_maect_with_mae():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import representation  # benchmarks/ is not a package
-
-    methods = ["mae", "cmae", "maect"]
-    assert representation.lane_groups("maect,mae:cmae", methods) == [["mae", "maect"], ["cmae"]]
-    for spec, message in (
-        ("mae,maect", "must name each method"),
-        ("mae,maect:cmae:", "must name each method"),
-        ("mae,maect:cmae,cmae", "must name each method"),
-        ("mae:maect,cmae", "put them in one lane"),
-    ):
-        with pytest.raises(SystemExit, match=message):
-            representation.lane_groups(spec, methods)
 
 
 def test_curves_follow_the_runs(benchmark_run):
