@@ -316,8 +316,8 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
 
     Two whole views pass the online encoder, projector and predictor (3x: forward and
     backward; a frozen patch projection forward only, or 2x above a trained conv stem) and
-    the momentum encoder and
-    projector (forward only); each view's query meets the global batch's keys (3x).
+    the momentum encoder and projector (forward only); each view's query meets the global
+    batch's keys (3x).
     """
     model = mocov3_model.build_model(config.model, config.input, config.mocov3)
     spec = model.encoder_spec
