@@ -21,6 +21,9 @@ this encoder reaches at that budget when it is told the classes.
 Everything is resumable: a finished pretraining (its results.json says complete) or
 evaluation (its eval_results.json exists) is not run again, and an interrupted pretraining
 resumes from its last checkpoint when the benchmark is started again with the same flags.
+Started with other flags (another budget, --set or --eval_set) on a workdir that holds runs
+made with the old ones, it stops before running anything and names the keys that differ:
+their numbers would otherwise be reported under the new command.
 `--minutes` stops each pretraining after that many minutes with SIGTERM (the run saves and
 exits cleanly; the lr schedule is then cut short, so epoch budgets compare methods fairly,
 minute budgets compare what a user gets in that time).
@@ -158,6 +161,66 @@ def load_config(config: str, overrides: dict[str, str]) -> Any:
     return cfg
 
 
+def flat_items(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves, keyed by their dotted paths."""
+    items = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def same_value(there: Any, now: Any, workdir: str) -> bool:
+    """Whether a saved config value and the one asked for now agree: equal (10 and 10.0
+    alike), two strings naming the same existing file or folder (a path given once relative,
+    once absolute), or the same folder of the benchmark's `workdir` named where the workdir
+    was when the run was made (a workdir moved or copied since)."""
+    if there == now:
+        return True
+    if not (isinstance(there, str) and isinstance(now, str)):
+        return False
+    if os.path.exists(there) and os.path.exists(now) and os.path.samefile(there, now):
+        return True
+    inside = os.path.relpath(now, workdir)
+    return not inside.startswith("..") and there.endswith(os.sep + inside)
+
+
+def config_differences(
+    config: str, overrides: dict[str, Any], folder: str, workdir: str
+) -> list[str]:
+    """How the run already in `folder` (its config.json) was made with another config than
+    `config` with `overrides` would give: 'key: X there, Y now' per key; [] when the two
+    agree or nothing ran there yet. `workdir`: the benchmark's."""
+    saved = read_json(os.path.join(folder, "config.json"))
+    if saved is None:
+        return []
+    wanted = load_config(config, dict(overrides)).copy_and_resolve_references()
+    there, now = flat_items(saved), flat_items(json.loads(wanted.to_json_best_effort()))
+    absent = "(absent)"
+    return [
+        f"{key}: {there.get(key, absent)!r} there, {now.get(key, absent)!r} now"
+        for key in sorted(set(there) | set(now))
+        if not same_value(there.get(key, absent), now.get(key, absent), workdir)
+    ]
+
+
+def refuse_other_configs(planned: list[tuple[str, dict[str, Any], str]], workdir: str) -> None:
+    """Stops, before anything runs, when a folder of `planned` ((config, overrides, folder)
+    per run) holds a run made with another config: its numbers are not this command's."""
+    for config, overrides, folder in planned:
+        differences = config_differences(config, overrides, folder, workdir)
+        if differences:
+            shown = "; ".join(differences[:8])
+            more = f" (and {len(differences) - 8} more)" if len(differences) > 8 else ""
+            raise SystemExit(
+                f"{folder} holds a run made with another config than this command asks for "
+                f"({config}): {shown}{more}. Its numbers are not this command's: use a new "
+                f"--workdir for other flags, or delete {folder} to run it again."
+            )
+
+
 def steps_per_epoch(cfg: Any, batch_size: int) -> int:
     """Optimiser steps in one epoch of the config's training split at `batch_size`."""
     from cmae_jax.data import pipeline, sources
@@ -287,16 +350,23 @@ def joined_curve(runs: list[Run]) -> tuple[list[dict[str, Any]], float]:
     return points, wall0
 
 
-def evaluate(name: str, init: str, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The evaluation command's results for one encoder (run unless already there)."""
-    eval_dir = os.path.join(workdir, f"eval_{name}")
-    results_path = os.path.join(eval_dir, "eval_results.json")
-    overrides = {
+EVAL_CONFIG = "configs/eval/all.py"
+
+
+def evaluation_overrides(init: str, args: argparse.Namespace) -> dict[str, str]:
+    """The evaluation command's overrides for the encoder `init` names."""
+    return {
         "init": init,
         "protocols": repr(tuple(args.protocols)),
         **parse_overrides(args.eval_set),
     }
-    command = main_command("configs/eval/all.py", eval_dir, overrides)
+
+
+def evaluate(name: str, init: str, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluation command's results for one encoder (run unless already there)."""
+    eval_dir = os.path.join(workdir, f"eval_{name}")
+    results_path = os.path.join(eval_dir, "eval_results.json")
+    command = main_command(EVAL_CONFIG, eval_dir, evaluation_overrides(init, args))
     if read_json(results_path) is None:
         print(f"[{name}] evaluating: {' '.join(command)}", flush=True)
         run_command(command, os.path.join(workdir, f"eval_{name}.log"), minutes=0)
@@ -318,27 +388,31 @@ def markdown_table(results: dict[str, dict[str, Any]], wall: dict[str, float]) -
 
 
 def plot(curves: dict[str, list[dict]], pixels_knn: float | None, path: str) -> None:
-    """k-NN against epochs and against wall minutes, one line per method, pixels dashed."""
+    """k-NN against epochs and against wall minutes, one line per method, pixels dashed.
+
+    Earlier methods are drawn on top: a method whose curve continues another's run (MAE-CT
+    from its MAE) would otherwise hide that run's line under its own first points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(12.5, 4), sharey=True)
     for axis, key, scale, label in (
         (axes[0], "epoch", 1.0, "pretraining epochs"),
         (axes[1], "wall_seconds", 1 / 60, "pretraining wall minutes"),
     ):
-        for method, points in curves.items():
+        for order, (method, points) in enumerate(curves.items()):
             if points:
                 xs = [p[key] * scale for p in points]
-                axis.plot(xs, [100 * p["knn_top1"] for p in points], marker="o", label=method)
+                ys = [100 * p["knn_top1"] for p in points]
+                axis.plot(xs, ys, marker="o", label=method, zorder=len(curves) + 2 - order)
         if pixels_knn is not None:
             axis.axhline(100 * pixels_knn, color="gray", linestyle="--", label="raw pixels")
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("k-NN top-1 (%)")
-    axes[1].legend(loc="lower right")
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: covers no line
     figure.suptitle("Fashion-MNIST: weighted k-NN (k = 20) of the frozen encoder")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -387,6 +461,20 @@ def main() -> None:
     unknown = set(parse_overrides(args.set)) - used
     if unknown:
         raise SystemExit(f"--set keys in no method's config: {', '.join(sorted(unknown))}.")
+    encoders = {"raw pixels": ("pixels", "pixels"), "random init": ("random", "random")}
+    encoders.update({m: (m, runs[m][-1].encoder) for m in methods})
+    # Each run's command writes its config.json to WORKDIR/<its method> (MAE-CT: above its
+    # stage folders; the supervised reference: above its finetune folder).
+    planned = {
+        (config_path(r.method), os.path.join(args.workdir, r.method)): r.overrides
+        for m in methods
+        for r in runs[m]
+    }
+    for short, init in encoders.values():
+        eval_dir = os.path.join(args.workdir, f"eval_{short}")
+        planned[(EVAL_CONFIG, eval_dir)] = evaluation_overrides(init, args)
+    planned_runs = [(config, o, folder) for (config, folder), o in planned.items()]
+    refuse_other_configs(planned_runs, args.workdir)
     for method in methods:
         if all(run.complete() for run in runs[method]):
             print(f"[{method}] pretraining complete already", flush=True)
@@ -398,8 +486,6 @@ def main() -> None:
     for method in methods:
         curves[method], wall[method] = joined_curve(runs[method])
 
-    encoders = {"raw pixels": ("pixels", "pixels"), "random init": ("random", "random")}
-    encoders.update({m: (m, runs[m][-1].encoder) for m in methods})
     results = {
         name: evaluate(short, init, args.workdir, args) for name, (short, init) in encoders.items()
     }

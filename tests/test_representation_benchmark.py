@@ -35,6 +35,14 @@ TINY_HEADS = (
 )
 
 
+def benchmark_module():
+    """benchmarks/representation.py as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import representation
+
+    return representation
+
+
 @pytest.fixture(scope="module")
 def benchmark_run(small_fashion_mnist, tmp_path_factory):
     """The benchmark at 2 steps per run on the small IDX folder; (workdir, stdout, command)."""
@@ -128,14 +136,57 @@ def test_a_second_start_reuses_everything(benchmark_run):
         assert os.path.getmtime(os.path.join(workdir, name, "metrics.jsonl")) == mtime
 
 
+def file_times(folder: str) -> list[tuple[str, float]]:
+    """Every file under `folder` with its modification time."""
+    paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    return sorted((os.path.relpath(path, folder), os.path.getmtime(path)) for path in paths)
+
+
+@pytest.mark.parametrize(
+    "flag, difference",
+    [
+        # A pretraining budget: the first run checked is MAE's.
+        ("--total_steps=3", "total_steps: 2 there, 3 now"),
+        # An evaluation setting: the first evaluation checked is the pixels'.
+        ("--eval_set=clustering.num_iters=11", "clustering.num_iters: 10 there, 11 now"),
+    ],
+)
+def test_other_flags_on_a_used_workdir_stop_before_anything_runs(benchmark_run, flag, difference):
+    """Runs made with other flags are not reused under this command's name, nor resumed."""
+    workdir, _, command = benchmark_run
+    files_before = file_times(workdir)
+    out = subprocess.run([*command, flag], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode != 0
+    assert difference in out.stderr, out.stderr[-2000:]
+    assert "use a new --workdir" in out.stderr
+    assert "pretraining" not in out.stdout and "evaluating" not in out.stdout
+    assert file_times(workdir) == files_before
+
+
+def test_saved_and_asked_values_compare_as_the_runs_read_them(tmp_path):
+    """Numbers by value; paths by the folder they name, also in a moved benchmark workdir."""
+    same_value = benchmark_module().same_value
+    workdir = str(tmp_path / "bench")
+    os.makedirs(os.path.join(workdir, "mae"))
+    assert same_value(10, 10.0, workdir)
+    assert same_value([0.2, 1.0], [0.2, 1.0], workdir)
+    assert not same_value(5, 10, workdir)
+    assert not same_value("pixels", "random", workdir)
+    # The same folder given relative and absolute.
+    relative = os.path.relpath(os.path.join(workdir, "mae"))
+    assert same_value(relative, os.path.join(workdir, "mae"), workdir)
+    # The MAE run a MAE-CT run started from, saved where the workdir was when it ran.
+    assert same_value("/old/place/bench/mae", os.path.join(workdir, "mae"), workdir)
+    assert not same_value("/old/place/bench/cmae", os.path.join(workdir, "mae"), workdir)
+    assert not same_value("/old/place/bench/mae", "/elsewhere/mae", workdir)
+
+
 def test_epoch_budgets_reach_every_run_through_the_runs_own_flag_parser(small_fashion_mnist):
     """--epochs and the MAE-CT stage epochs become overrides that cmae_jax.main accepts."""
     from absl import flags
     from ml_collections import config_flags
 
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import representation  # benchmarks/ is not a package
-
+    representation = benchmark_module()
     args = representation.parse_arguments(
         [
             "--workdir=/nonexistent",
