@@ -161,17 +161,6 @@ def load_config(config: str, overrides: dict[str, str]) -> Any:
     return cfg
 
 
-def flat_items(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested dict's leaves, keyed by their dotted paths."""
-    items = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            items.update(flat_items(value, f"{prefix}{key}."))
-        else:
-            items[f"{prefix}{key}"] = value
-    return items
-
-
 def same_value(there: Any, now: Any, workdir: str) -> bool:
     """Whether a saved config value and the one asked for now agree: equal (10 and 10.0
     alike), two strings naming the same existing file or folder (a path given once relative,
@@ -193,11 +182,14 @@ def config_differences(
     """How the run already in `folder` (its config.json) was made with another config than
     `config` with `overrides` would give: 'key: X there, Y now' per key; [] when the two
     agree or nothing ran there yet. `workdir`: the benchmark's."""
+    from flax import traverse_util
+
     saved = read_json(os.path.join(folder, "config.json"))
     if saved is None:
         return []
-    wanted = load_config(config, dict(overrides)).copy_and_resolve_references()
-    there, now = flat_items(saved), flat_items(json.loads(wanted.to_json_best_effort()))
+    wanted = json.loads(load_config(config, dict(overrides)).to_json_best_effort())
+    there = traverse_util.flatten_dict(saved, sep=".")
+    now = traverse_util.flatten_dict(wanted, sep=".")
     absent = "(absent)"
     return [
         f"{key}: {there.get(key, absent)!r} there, {now.get(key, absent)!r} now"
@@ -206,10 +198,11 @@ def config_differences(
     ]
 
 
-def refuse_other_configs(planned: list[tuple[str, dict[str, Any], str]], workdir: str) -> None:
-    """Stops, before anything runs, when a folder of `planned` ((config, overrides, folder)
-    per run) holds a run made with another config: its numbers are not this command's."""
-    for config, overrides, folder in planned:
+def refuse_other_configs(planned: dict[tuple[str, str], dict[str, Any]], workdir: str) -> None:
+    """Stops, before anything runs, when a folder of `planned` ({(config, folder):
+    overrides} per run) holds a run made with another config: its numbers are not this
+    command's."""
+    for (config, folder), overrides in planned.items():
         differences = config_differences(config, overrides, folder, workdir)
         if differences:
             shown = "; ".join(differences[:8])
@@ -473,8 +466,7 @@ def main() -> None:
     for short, init in encoders.values():
         eval_dir = os.path.join(args.workdir, f"eval_{short}")
         planned[(EVAL_CONFIG, eval_dir)] = evaluation_overrides(init, args)
-    planned_runs = [(config, o, folder) for (config, folder), o in planned.items()]
-    refuse_other_configs(planned_runs, args.workdir)
+    refuse_other_configs(planned, args.workdir)
     for method in methods:
         if all(run.complete() for run in runs[method]):
             print(f"[{method}] pretraining complete already", flush=True)
