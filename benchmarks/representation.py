@@ -3,6 +3,7 @@ r"""Representation benchmark: pretrain every method on Fashion-MNIST, then score
     python benchmarks/representation.py --workdir=workdirs/representation
     python benchmarks/representation.py --workdir=W --methods=mae,cmae --epochs=2   # shorter
     python benchmarks/representation.py --workdir=W --minutes=20                     # per method
+    python benchmarks/representation.py --workdir=W --seeds=0,1,2     # mean of three seeds
 
 For each method (configs/fashion_mnist_<method>.py) it runs the README's pretraining command
 with a k-NN of the encoder every `--knn_every_epochs` epochs (the project's periodic k-NN:
@@ -27,6 +28,10 @@ their numbers would otherwise be reported under the new command.
 `--minutes` stops each pretraining after that many minutes with SIGTERM (the run saves and
 exits cleanly; the lr schedule is then cut short, so epoch budgets compare methods fairly,
 minute budgets compare what a user gets in that time).
+
+With several --seeds every pretraining runs once per seed (seed 0 in W/<method>, seed N in
+W/<method>_seedN) and every number of a method's row is the mean of its seeds', with the
+lowest and highest beside it: one seed's k-NN moves by about a point on Fashion-MNIST.
 
 Writes to the workdir: representation.json (every number, the commands, the curves),
 curves.png (k-NN against epochs and against wall minutes, one line per method, the pixels'
@@ -222,9 +227,20 @@ def steps_per_epoch(cfg: Any, batch_size: int) -> int:
     return pipeline.steps_per_epoch(source.num_examples, batch_size)
 
 
-def pretraining_runs(method: str, workdir: str, args: argparse.Namespace) -> list[Run]:
-    """The pretraining runs of a method (MAE-CT: its stages 2 and 3 after the MAE run)."""
+def run_name(method: str, seed: int) -> str:
+    """The workdir folder of a method's runs with one seed (seed 0: the method's name, as
+    before seeds existed, so older workdirs stay valid)."""
+    return method if seed == 0 else f"{method}_seed{seed}"
+
+
+def pretraining_runs(
+    method: str, workdir: str, args: argparse.Namespace, seed: int = 0
+) -> list[Run]:
+    """The pretraining runs of a method with one seed (MAE-CT: its stages 2 and 3 after the
+    MAE run of the same seed)."""
     overrides = parse_overrides(args.set)
+    if seed:
+        overrides["seed"] = seed
     cfg = load_config(config_path(method), overrides)
     batch_size = cfg.finetune.batch_size if method == "supervised" else cfg.input.global_batch_size
     epoch_steps = steps_per_epoch(cfg, int(batch_size))
@@ -237,7 +253,8 @@ def pretraining_runs(method: str, workdir: str, args: argparse.Namespace) -> lis
             "eval.knn": False,
         }
     )
-    method_dir = os.path.join(workdir, method)
+    name = run_name(method, seed)
+    method_dir = os.path.join(workdir, name)
     if method == "supervised":
         # The fine-tuning protocol trains it, in method_dir/finetune, for finetune.* epochs.
         if args.epochs:
@@ -247,15 +264,16 @@ def pretraining_runs(method: str, workdir: str, args: argparse.Namespace) -> lis
         # Its metrics go to method_dir, its checkpoints and results.json to method_dir/finetune.
         command = main_command(config_path(method), method_dir, overrides)
         tuned = os.path.join(method_dir, "finetune")
-        return [Run(method, method_dir, command, epoch_steps, overrides, tuned, loop_dir=tuned)]
+        run = Run(name, method, method_dir, command, epoch_steps, overrides, tuned, loop_dir=tuned)
+        return [run]
     if method != "maect":
         if args.epochs:
             overrides["num_epochs"] = args.epochs
         if args.total_steps:
             overrides["total_steps"] = args.total_steps
         command = main_command(config_path(method), method_dir, overrides)
-        return [Run(method, method_dir, command, epoch_steps, overrides, encoder=method_dir)]
-    overrides["stages.head.init_from"] = os.path.join(workdir, "mae")
+        return [Run(name, method, method_dir, command, epoch_steps, overrides, method_dir)]
+    overrides["stages.head.init_from"] = os.path.join(workdir, run_name("mae", seed))
     for stage, epochs in (("head", args.maect_head_epochs), ("tune", args.maect_tune_epochs)):
         if epochs:
             overrides[f"stages.{stage}.num_epochs"] = epochs
@@ -263,7 +281,7 @@ def pretraining_runs(method: str, workdir: str, args: argparse.Namespace) -> lis
             overrides[f"stages.{stage}.total_steps"] = args.total_steps
     command = main_command(config_path(method), method_dir, overrides)
     # Stage 1 is the MAE run: its curve and time come first.
-    runs = pretraining_runs("mae", workdir, args)
+    runs = pretraining_runs("mae", workdir, args, seed)
     for stage in MAECT_STAGES:
         section = cfg.stages[stage.split("_")[1]]
         metric = "knn_top1_subset"
@@ -271,7 +289,7 @@ def pretraining_runs(method: str, workdir: str, args: argparse.Namespace) -> lis
             metric = f"knn_top1_{section.published_encoder}_subset"
         epoch_steps = steps_per_epoch(cfg, int(section.input.global_batch_size))
         folder = os.path.join(method_dir, stage)
-        runs.append(Run(method, folder, command, epoch_steps, overrides, method_dir, metric))
+        runs.append(Run(name, method, folder, command, epoch_steps, overrides, method_dir, metric))
     return runs
 
 
@@ -279,6 +297,9 @@ def pretraining_runs(method: str, workdir: str, args: argparse.Namespace) -> lis
 class Run:
     """One pretraining run: its method, the folder of its metrics and its command."""
 
+    # The workdir folder of the method's runs with this seed (run_name), where the command
+    # writes its config.json (MAE-CT: above its stage folders).
+    name: str
     method: str
     folder: str
     command: list[str]
@@ -366,22 +387,66 @@ def evaluate(name: str, init: str, workdir: str, args: argparse.Namespace) -> di
     return dict(read_json(results_path), command=" ".join(command[1:]))
 
 
+def seed_mean(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of several seeds' results: the mean of every table column they all have,
+    its lowest and highest value (`spread`) and the seeds' own results (`per_seed`)."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    keys = [key for key, _ in COLUMNS if all(key in numbers for numbers in per_seed)]
+    values = {key: [numbers[key] for numbers in per_seed] for key in keys}
+    return dict(
+        {key: float(np.mean(v)) for key, v in values.items()},
+        spread={key: [min(v), max(v)] for key, v in values.items()},
+        per_seed=per_seed,
+    )
+
+
 def markdown_table(results: dict[str, dict[str, Any]], wall: dict[str, float]) -> str:
-    """The README's table: one row per encoder, one column per protocol."""
+    """The README's table: one row per encoder, one column per protocol; a row of several
+    seeds shows their mean and, in brackets, the lowest and highest seed."""
     lines = [
         "| encoder | " + " | ".join(h for _, h in COLUMNS) + " | pretraining wall time |",
         "|---" * (len(COLUMNS) + 2) + "|",
     ]
     for name, numbers in results.items():
-        cells = [f"{100 * numbers[k]:.2f}%" if k in numbers else "-" for k, _ in COLUMNS]
+        cells = []
+        for key, _ in COLUMNS:
+            cell = f"{100 * numbers[key]:.2f}%" if key in numbers else "-"
+            if key in numbers.get("spread", {}):
+                low, high = numbers["spread"][key]
+                cell += f" ({100 * low:.2f}-{100 * high:.2f})"
+            cells.append(cell)
         seconds = wall.get(name)
         time_cell = f"{int(seconds // 60)} min {int(seconds % 60)} s" if seconds else "none"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {time_cell} |")
     return "\n".join(lines) + "\n"
 
 
+def mean_curve(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Several seeds' curves point by point (the same steps: the same config), their mean
+    k-NN and wall time, with the lowest and highest k-NN; as far as the shortest goes."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    length = min(len(points) for points in per_seed)
+    curve_points = []
+    for i in range(length):
+        at_i = [points[i] for points in per_seed]
+        knn = [p["knn_top1"] for p in at_i]
+        curve_points.append(
+            dict(
+                at_i[0],
+                wall_seconds=float(np.mean([p["wall_seconds"] for p in at_i])),
+                knn_top1=float(np.mean(knn)),
+                knn_top1_low=min(knn),
+                knn_top1_high=max(knn),
+            )
+        )
+    return curve_points
+
+
 def plot(curves: dict[str, list[dict]], pixels_knn: float | None, path: str) -> None:
-    """k-NN against epochs and against wall minutes, one line per method, pixels dashed.
+    """k-NN against epochs and against wall minutes, one line per method, pixels dashed;
+    a method of several seeds is their mean with the range of the seeds shaded.
 
     Earlier methods are drawn on top: a method whose curve continues another's run (MAE-CT
     from its MAE) would otherwise hide that run's line under its own first points."""
@@ -399,7 +464,11 @@ def plot(curves: dict[str, list[dict]], pixels_knn: float | None, path: str) -> 
             if points:
                 xs = [p[key] * scale for p in points]
                 ys = [100 * p["knn_top1"] for p in points]
-                axis.plot(xs, ys, marker="o", label=method, zorder=len(curves) + 2 - order)
+                line = axis.plot(xs, ys, marker="o", label=method, zorder=len(curves) + 2 - order)
+                if "knn_top1_low" in points[0]:  # several seeds: their range as a band
+                    low = [100 * p["knn_top1_low"] for p in points]
+                    high = [100 * p["knn_top1_high"] for p in points]
+                    axis.fill_between(xs, low, high, color=line[0].get_color(), alpha=0.2)
         if pixels_knn is not None:
             axis.axhline(100 * pixels_knn, color="gray", linestyle="--", label="raw pixels")
         axis.set_xlabel(label)
@@ -417,6 +486,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="config.seed of every pretraining, comma-separated: the table shows their mean",
+    )
     # Whole epochs: the configs' num_epochs are integers (the run's flag parser refuses 2.0).
     parser.add_argument(
         "--epochs", type=int, default=0, help="pretraining epochs (0: the config's)"
@@ -440,6 +514,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.protocols = [p for p in args.protocols.split(",") if p]
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    except ValueError:
+        parser.error(f"--seeds={args.seeds}: give whole numbers, e.g. --seeds=0,1,2")
+    if not args.seeds or min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
+        parser.error(f"--seeds={args.seeds}: give distinct seeds >= 0, e.g. --seeds=0,1,2")
+    if "seed" in parse_overrides(args.set):
+        parser.error("--set seed=N: use --seeds=N (its runs get folders of their own)")
     return args
 
 
@@ -447,47 +529,62 @@ def main() -> None:
     """Pretrains, evaluates and writes representation.json, curves.png and table.md."""
     args = parse_arguments()
     methods = available_methods([m for m in args.methods.split(",") if m])
+    seeds = args.seeds
     os.makedirs(args.workdir, exist_ok=True)
 
-    runs = {method: pretraining_runs(method, args.workdir, args) for method in methods}
-    used = {key for method in methods for key in runs[method][-1].overrides}
+    runs = {
+        (method, seed): pretraining_runs(method, args.workdir, args, seed)
+        for method in methods
+        for seed in seeds
+    }
+    used = {key for method_runs in runs.values() for key in method_runs[-1].overrides}
     unknown = set(parse_overrides(args.set)) - used
     if unknown:
         raise SystemExit(f"--set keys in no method's config: {', '.join(sorted(unknown))}.")
-    encoders = {"raw pixels": ("pixels", "pixels"), "random init": ("random", "random")}
-    encoders.update({m: (m, runs[m][-1].encoder) for m in methods})
-    # Each run's command writes its config.json to WORKDIR/<its method> (MAE-CT: above its
-    # stage folders; the supervised reference: above its finetune folder).
+    # The baselines do not depend on the pretraining seed: one evaluation each.
+    encoders = {"raw pixels": [("pixels", "pixels")], "random init": [("random", "random")]}
+    encoders.update({m: [(run_name(m, s), runs[m, s][-1].encoder) for s in seeds] for m in methods})
     planned = {
-        (config_path(r.method), os.path.join(args.workdir, r.method)): r.overrides
-        for m in methods
-        for r in runs[m]
+        (config_path(r.method), os.path.join(args.workdir, r.name)): r.overrides
+        for method_runs in runs.values()
+        for r in method_runs
     }
-    for short, init in encoders.values():
-        eval_dir = os.path.join(args.workdir, f"eval_{short}")
-        planned[(EVAL_CONFIG, eval_dir)] = evaluation_overrides(init, args)
+    for evaluated in encoders.values():
+        for short, init in evaluated:
+            eval_dir = os.path.join(args.workdir, f"eval_{short}")
+            planned[(EVAL_CONFIG, eval_dir)] = evaluation_overrides(init, args)
     refuse_other_configs(planned, args.workdir)
-    for method in methods:
-        if all(run.complete() for run in runs[method]):
-            print(f"[{method}] pretraining complete already", flush=True)
+    for method_runs in runs.values():
+        name = method_runs[-1].name
+        if all(run.complete() for run in method_runs):
+            print(f"[{name}] pretraining complete already", flush=True)
             continue
-        command = runs[method][-1].command
-        print(f"[{method}] pretraining: {' '.join(command)}", flush=True)
-        run_command(command, os.path.join(args.workdir, f"{method}.log"), args.minutes)
+        command = method_runs[-1].command
+        print(f"[{name}] pretraining: {' '.join(command)}", flush=True)
+        run_command(command, os.path.join(args.workdir, f"{name}.log"), args.minutes)
+    run_curves = {run_name(m, s): joined_curve(runs[m, s]) for m, s in runs}
     curves, wall = {}, {}
     for method in methods:
-        curves[method], wall[method] = joined_curve(runs[method])
+        per_seed = [run_curves[run_name(method, seed)] for seed in seeds]
+        curves[method] = mean_curve([points for points, _ in per_seed])
+        wall[method] = float(np.mean([seconds for _, seconds in per_seed]))
 
     results = {
-        name: evaluate(short, init, args.workdir, args) for name, (short, init) in encoders.items()
+        name: seed_mean([evaluate(short, init, args.workdir, args) for short, init in evaluated])
+        for name, evaluated in encoders.items()
     }
     pixels_knn = results["raw pixels"].get("knn_top1")
     summary = dict(
         methods=methods,
+        seeds=seeds,
         flags=vars(args),
-        pretraining_commands={m: " ".join(runs[m][-1].command[1:]) for m in methods},
+        pretraining_commands={
+            run_name(m, s): " ".join(runs[m, s][-1].command[1:]) for m, s in runs
+        },
         pretraining_wall_seconds=wall,
         curves=curves,
+        # Each seed's own curve (the same as `curves` with one seed).
+        run_curves={name: points for name, (points, _) in run_curves.items()},
         results=results,
     )
     with open(os.path.join(args.workdir, "representation.json"), "w") as f:

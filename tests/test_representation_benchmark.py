@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -218,3 +219,74 @@ def test_epoch_budgets_reach_every_run_through_the_runs_own_flag_parser(small_fa
     assert parsed["maect"].stages.head.num_epochs == 2
     assert parsed["maect"].stages.tune.num_epochs == 4
     assert parsed["maect"].stages.head.init_from == "/nonexistent/mae"
+
+
+def test_seeds_run_beside_the_first_and_the_table_shows_their_mean(benchmark_run, tmp_path):
+    """--seeds=0,1 on a copy of the workdir: seed 0's runs are reused, seed 1's run in
+    folders of their own, and every number of a row is the mean of the seeds' numbers."""
+    workdir, _, command = benchmark_run
+    copy = str(tmp_path / "moved")
+    shutil.copytree(workdir, copy)  # also a moved workdir: MAE-CT's saved init_from is old
+    # The same flags for MAE and MAE-CT only (the supervised reference's finetune.* key would
+    # be in no method's config).
+    skipped = ("--workdir", "--methods", "--set=finetune.")
+    flags = [a for a in command[2:] if not a.startswith(skipped)]
+    seeded = [command[0], command[1], f"--workdir={copy}", "--methods=mae,maect", *flags]
+    out = subprocess.run(
+        [*seeded, "--seeds=0,1"], capture_output=True, text=True, cwd=REPO, timeout=900
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[mae] pretraining complete already" in out.stdout
+    assert "[maect] pretraining complete already" in out.stdout
+    assert "[mae_seed1] pretraining:" in out.stdout
+    with open(os.path.join(copy, "maect_seed1", "config.json")) as f:
+        saved = json.load(f)
+    assert saved["seed"] == 1
+    assert saved["stages"]["head"]["init_from"] == os.path.join(copy, "mae_seed1")
+
+    with open(os.path.join(copy, "representation.json")) as f:
+        summary = json.load(f)
+    assert summary["seeds"] == [0, 1]
+    with open(os.path.join(copy, "table.md")) as f:
+        table = f.read()
+    for method in ("mae", "maect"):
+        per_seed = []
+        for folder in (method, f"{method}_seed1"):
+            with open(os.path.join(copy, f"eval_{folder}", "eval_results.json")) as f:
+                per_seed.append(json.load(f)["knn_top1"])
+        row = summary["results"][method]
+        assert row["knn_top1"] == pytest.approx((per_seed[0] + per_seed[1]) / 2)
+        assert row["spread"]["knn_top1"] == [min(per_seed), max(per_seed)]
+        low, high = (100 * v for v in sorted(per_seed))
+        cell = f"{100 * row['knn_top1']:.2f}% ({low:.2f}-{high:.2f})"
+        assert cell in next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+        # The curve is the seeds' mean, point by point.
+        seed0, seed1 = summary["run_curves"][method], summary["run_curves"][f"{method}_seed1"]
+        mean_point = summary["curves"][method][0]
+        assert mean_point["knn_top1"] == pytest.approx(
+            (seed0[0]["knn_top1"] + seed1[0]["knn_top1"]) / 2
+        )
+        assert mean_point["step"] == seed0[0]["step"] == seed1[0]["step"]
+    # The baselines do not depend on the seed: one evaluation, one number, no range.
+    pixels_row = next(line for line in table.splitlines() if line.startswith("| raw pixels |"))
+    assert "(" not in pixels_row
+    # Another seed is another run: other weights, data order and masks, another loss.
+    losses = {}
+    for folder in ("mae", "mae_seed1"):
+        with open(os.path.join(copy, folder, "metrics.jsonl")) as f:
+            losses[folder] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    assert losses["mae"] and losses["mae"] != losses["mae_seed1"]
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--seeds=0,0", "distinct seeds"),
+        ("--seeds=1,x", "whole numbers"),
+        ("--set=seed=1", "use --seeds=N"),
+    ],
+)
+def test_seed_flags_are_checked(flag, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark_module().parse_arguments(["--workdir=/nonexistent", flag])
+    assert message in capsys.readouterr().err
