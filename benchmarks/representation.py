@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -219,12 +220,23 @@ def refuse_other_configs(planned: dict[tuple[str, str], dict[str, Any]], workdir
             )
 
 
+@functools.lru_cache
+def training_examples(dataset_json: str) -> int:
+    """The size of a dataset config's training split (given as JSON: the same data for
+    every method and seed is read once)."""
+    import ml_collections
+
+    from cmae_jax.data import sources
+
+    dataset = ml_collections.ConfigDict(json.loads(dataset_json))
+    return sources.make_source(dataset, dataset.train_split).num_examples
+
+
 def steps_per_epoch(cfg: Any, batch_size: int) -> int:
     """Optimiser steps in one epoch of the config's training split at `batch_size`."""
-    from cmae_jax.data import pipeline, sources
+    from cmae_jax.data import pipeline
 
-    source = sources.make_source(cfg.dataset, cfg.dataset.train_split)
-    return pipeline.steps_per_epoch(source.num_examples, batch_size)
+    return pipeline.steps_per_epoch(training_examples(cfg.dataset.to_json()), batch_size)
 
 
 def run_name(method: str, seed: int) -> str:
