@@ -35,7 +35,8 @@ lowest and highest beside it: one seed's k-NN moves by about a point on Fashion-
 
 Writes to the workdir: representation.json (every number, the commands, the curves),
 curves.png (k-NN against epochs and against wall minutes, one line per method, the pixels'
-k-NN as a line) and table.md (the Markdown table of the README).
+k-NN as a line), table.md (the Markdown table of the README) and per_class.md (the k-NN's
+top-1 of each class, for every encoder whose evaluation has it: where the pixels win).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ COLUMNS = (
     ("cluster_accuracy", "cluster acc."),
     ("nmi", "NMI"),
 )
+# eval_results.json's k-NN top-1 of each class (a list, class by class).
+PER_CLASS = "knn_top1_per_class"
 
 
 def config_path(method: str) -> str:
@@ -406,11 +409,15 @@ def seed_mean(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         return per_seed[0]
     keys = [key for key, _ in COLUMNS if all(key in numbers for numbers in per_seed)]
     values = {key: [numbers[key] for numbers in per_seed] for key in keys}
-    return dict(
+    mean = dict(
         {key: float(np.mean(v)) for key, v in values.items()},
         spread={key: [min(v), max(v)] for key, v in values.items()},
         per_seed=per_seed,
     )
+    if all(numbers.get(PER_CLASS) for numbers in per_seed):
+        by_class = zip(*(numbers[PER_CLASS] for numbers in per_seed))
+        mean[PER_CLASS] = [None if None in seeds else float(np.mean(seeds)) for seeds in by_class]
+    return mean
 
 
 def markdown_table(results: dict[str, dict[str, Any]], wall: dict[str, float]) -> str:
@@ -432,6 +439,32 @@ def markdown_table(results: dict[str, dict[str, Any]], wall: dict[str, float]) -
         time_cell = f"{int(seconds // 60)} min {int(seconds % 60)} s" if seconds else "none"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {time_cell} |")
     return "\n".join(lines) + "\n"
+
+
+def per_class_table(results: dict[str, dict[str, Any]], class_names: list[str]) -> str:
+    """The k-NN's top-1 of each class, one row per encoder that has them (a mean over seeds
+    where the row has several); '' when none has."""
+    rows = {name: numbers[PER_CLASS] for name, numbers in results.items() if PER_CLASS in numbers}
+    if not rows:
+        return ""
+    lines = [
+        "| encoder | " + " | ".join(class_names) + " |",
+        "|---" * (len(class_names) + 1) + "|",
+    ]
+    for name, accuracies in rows.items():
+        cells = ["-" if value is None else f"{100 * value:.1f}%" for value in accuracies]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def class_names(args: argparse.Namespace) -> list[str]:
+    """The evaluated dataset's class names (Fashion-MNIST's), else 'class 0', 'class 1', ..."""
+    from cmae_jax.data import sources
+
+    dataset = load_config(EVAL_CONFIG, parse_overrides(args.eval_set)).dataset
+    if dataset.name == "fashion_mnist":
+        return list(sources.FASHION_MNIST_CLASSES)
+    return [f"class {i}" for i in range(dataset.num_classes)]
 
 
 def mean_curve(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -604,8 +637,13 @@ def main() -> None:
     table = markdown_table(results, wall)
     with open(os.path.join(args.workdir, "table.md"), "w") as f:
         f.write(table)
+    by_class = per_class_table(results, class_names(args))
+    if by_class:
+        with open(os.path.join(args.workdir, "per_class.md"), "w") as f:
+            f.write(by_class)
     plot(curves, pixels_knn, os.path.join(args.workdir, "curves.png"))
     print(table, flush=True)
+    print(by_class, flush=True)
 
 
 if __name__ == "__main__":

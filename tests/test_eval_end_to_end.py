@@ -74,6 +74,15 @@ def test_every_protocol_from_the_command_line(tiny_run, small_fashion_mnist, tmp
         if key != "knn_top1":
             assert f"{key}: {100 * results[key]:.2f}%" in lines
     assert f"{100 * results['knn_top1']:.2f}" in lines[-1]
+    # The k-NN's confusions: every test image once, the diagonal its top-1, each class's
+    # row its per-class accuracy; none of them printed as a metric line.
+    confusion = np.array(results["knn_confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 128
+    assert np.trace(confusion) / 128 == pytest.approx(results["knn_top1"])
+    rows = confusion.sum(axis=1)
+    expected = [c / n if n else None for c, n in zip(np.diag(confusion), rows, strict=True)]
+    assert results["knn_top1_per_class"] == pytest.approx(expected)
+    assert not any(line.startswith("knn_top1_per_class") for line in lines)
     # 10 classes, 128 test images: a 6-step encoder is still well above chance by k-NN.
     assert results["knn_top1"] > 0.2
     # The encoder was read from the run: its config.json's sizes, not the eval defaults.

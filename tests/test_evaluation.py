@@ -37,6 +37,17 @@ def test_knn_matches_brute_force():
     assert accuracy == np.mean(numpy_knn(bank, bank_labels, queries, 20, 0.07, 5) == query_labels)
 
 
+def test_confusion_matrix_and_per_class_accuracy_by_hand():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predictions = np.array([0, 1, 0, 1, 1, 0])
+    confusion = knn.confusion_matrix(labels, predictions, num_classes=4)
+    expected = np.zeros((4, 4), int)
+    expected[0, 0], expected[0, 1], expected[1, 1], expected[2, 0] = 2, 1, 2, 1
+    np.testing.assert_array_equal(confusion, expected)
+    # Class 3 has no example: no accuracy, not 0 and not a division by zero.
+    assert knn.per_class_accuracy(confusion) == [2 / 3, 1.0, 0.0, None]
+
+
 def test_weighted_votes_beat_majority():
     # Two close neighbours of class 1 outvote three distant ones of class 0 at a low temperature.
     bank = np.array([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [0.1, 1.0], [-0.1, 1.0]])

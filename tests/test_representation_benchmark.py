@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from cmae_jax.data import sources
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # MAE-CT continues the MAE run, so these two cover a reconstruction and a contrastive
 # stage at the price of one pretraining (CMAE and MoCo v3 run end to end in their own tests);
@@ -101,6 +103,17 @@ def test_every_output_is_written(benchmark_run):
     assert f"{100 * summary['results']['maect']['knn_top1']:.2f}%" in row
     with open(os.path.join(workdir, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Every encoder's k-NN top-1 of each Fashion-MNIST class, from its own evaluation.
+    with open(os.path.join(workdir, "per_class.md")) as f:
+        by_class = f.read()
+    assert by_class in stdout
+    lines = by_class.strip().splitlines()
+    assert lines[0] == "| encoder | " + " | ".join(sources.FASHION_MNIST_CLASSES) + " |"
+    assert len(lines) == 2 + len(encoders)
+    per_class = summary["results"]["raw pixels"]["knn_top1_per_class"]
+    cells = lines[2].split(" | ")[1:]
+    assert lines[2].startswith("| raw pixels |") and len(cells) == 10
+    assert cells[0] == f"{100 * per_class[0]:.1f}%"
 
 
 def test_curves_follow_the_runs(benchmark_run):
@@ -267,6 +280,10 @@ def test_seeds_run_beside_the_first_and_the_table_shows_their_mean(benchmark_run
             (seed0[0]["knn_top1"] + seed1[0]["knn_top1"]) / 2
         )
         assert mean_point["step"] == seed0[0]["step"] == seed1[0]["step"]
+        # Each class's k-NN top-1 is the mean of the seeds' own, class by class.
+        by_seed = [seed["knn_top1_per_class"] for seed in row["per_seed"]]
+        expected = [None if None in pair else sum(pair) / 2 for pair in zip(*by_seed)]
+        assert row["knn_top1_per_class"] == pytest.approx(expected)
     # The baselines do not depend on the seed: one evaluation, one number, no range.
     pixels_row = next(line for line in table.splitlines() if line.startswith("| raw pixels |"))
     assert "(" not in pixels_row

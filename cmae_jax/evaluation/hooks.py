@@ -52,8 +52,11 @@ def _each_encoder(params_of: ParamsOf, evaluate: Callable[[Any], Scalars], tail:
         scalars: Scalars = {}
         for suffix, params in params_of(state).items():
             start = time.time()
-            metrics = evaluate(params)
-            metrics = {f"{k}{suffix}{tail}": v for k, v in metrics.items()}
+            # Scalars only: the k-NN's per-class numbers and confusions are for the
+            # evaluation command's eval_results.json, not for the metric writers.
+            metrics = {
+                f"{k}{suffix}{tail}": v for k, v in evaluate(params).items() if isinstance(v, float)
+            }
             logging.info("step %d | %s in %.0f s", step, metrics, time.time() - start)
             scalars.update(metrics)
         return scalars

@@ -132,6 +132,18 @@ def knn_accuracy(
     return float(np.mean(predictions == np.asarray(query_labels)))
 
 
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[i, j]: the examples of class i predicted as class j."""
+    counts = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(counts, (np.asarray(labels), np.asarray(predictions)), 1)
+    return counts
+
+
+def per_class_accuracy(confusion: np.ndarray) -> list[float | None]:
+    """Top-1 accuracy of each class (a row of `confusion`); None for a class with no example."""
+    return [float(row[i] / row.sum()) if row.sum() else None for i, row in enumerate(confusion)]
+
+
 def feature_fn(model: Any) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
     """(params, images) -> the frozen encoder's pooled features ({'cls', 'mean'}) of a
     pretraining model (CMAE, MAE, MAE-CT: their `features` method), for k-NN evaluations."""

@@ -111,20 +111,28 @@ class Context:
 
 
 def _knn(ctx: Context) -> Protocol:
+    num_classes = ctx.config.dataset.num_classes
+
     def run(params: Any) -> dict[str, Any]:
         train, train_labels, test, test_labels = ctx.features(params)
-        top1 = knn.knn_accuracy(
+        predictions = knn.knn_predict(
             train[ctx.feature],
             train_labels,
             test[ctx.feature],
-            test_labels,
             k=ctx.config.eval.knn_k,
             temperature=ctx.config.eval.knn_temperature,
-            num_classes=ctx.config.dataset.num_classes,
+            num_classes=num_classes,
             chunk_size=ctx.config.eval.get("knn_chunk_size", 1024),
             mesh=ctx.mesh,
         )
-        return {"knn_top1": top1}
+        # Which classes an encoder loses where another wins (e.g. against the pixels): the
+        # per-class numbers and the confusions, beside the one top-1.
+        confusion = knn.confusion_matrix(test_labels, predictions, num_classes)
+        return {
+            "knn_top1": float(np.mean(predictions == test_labels)),
+            "knn_top1_per_class": knn.per_class_accuracy(confusion),
+            "knn_confusion": confusion.tolist(),
+        }
 
     return run
 
