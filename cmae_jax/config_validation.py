@@ -100,6 +100,11 @@ def validate(
         config.eval.every_steps >= 0 and config.eval.knn_subset >= 0,
         "config.eval.every_steps and config.eval.knn_subset must be >= 0 (0: off / all).",
     )
+    # Also for pretraining: its k-NN reads this feature after the first steps have run.
+    require(
+        config.eval.feature in vit.POOLINGS,
+        f"config.eval.feature={config.eval.feature!r} is not one of {', '.join(vit.POOLINGS)}.",
+    )
     if check_data:
         _validate_data(config)
 
@@ -156,10 +161,6 @@ def _validate_eval(config: ml_collections.ConfigDict, num_devices: int, check_da
     require(
         bool(config.protocols) and not unknown,
         f"config.protocols={tuple(config.protocols)} must name some of {', '.join(PROTOCOLS)}.",
-    )
-    require(
-        config.eval.feature in POOLINGS,
-        f"config.eval.feature={config.eval.feature!r} is not one of {', '.join(POOLINGS)}.",
     )
     require(config.eval.knn_k >= 1, f"config.eval.knn_k={config.eval.knn_k} must be >= 1.")
     require(

@@ -560,6 +560,12 @@ def test_cmae_forward_target_and_features(cmae_variables):
     tokens = _apply(enc, {"params": params["encoder"]}, images).tokens
     np.testing.assert_allclose(feats["cls"], tokens[:, 0], rtol=1e-6)
     np.testing.assert_allclose(feats["mean"], tokens[:, 1:].mean(1), rtol=1e-5, atol=1e-6)
+    # Every feature an evaluation may read (config.eval.feature), also the k-NN inside a
+    # pretraining: before 2026-12-05 'cls+mean' was missing here and that k-NN died on it.
+    assert set(feats) == set(vit.POOLINGS)
+    np.testing.assert_array_equal(
+        feats["cls+mean"], np.concatenate([feats["cls"], feats["mean"]], axis=-1)
+    )
 
 
 def test_cmae_bf16_and_plain_mae(cmae_variables):

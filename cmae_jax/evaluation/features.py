@@ -28,7 +28,7 @@ from cmae_jax.data import pipeline, sources
 from cmae_jax.models import vit
 from cmae_jax.models.encoder_spec import EncoderSpec
 
-POOLINGS = ("cls", "mean", "cls+mean")
+POOLINGS = vit.POOLINGS
 
 
 class FeatureEncoder(nn.Module):
@@ -38,8 +38,7 @@ class FeatureEncoder(nn.Module):
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         """{'cls', 'mean', 'cls+mean'}: pooled float32 features of whole images."""
-        pooled = self.encoder(images, None, train=train).pooled()
-        return {**pooled, "cls+mean": jnp.concatenate([pooled["cls"], pooled["mean"]], axis=-1)}
+        return self.encoder(images, None, train=train).pooled()
 
 
 def build_encoder(config: ml_collections.ConfigDict) -> vit.Encoder:

@@ -416,6 +416,11 @@ def conv_stem(patches: jax.Array, channels: int, dtype: Dtype) -> jax.Array:
     return y
 
 
+# The pooled features an encoder gives evaluations (EncoderOutput.pooled, config.eval.feature):
+# the same for the evaluation command and for the k-NN that runs inside a pretraining.
+POOLINGS = ("cls", "mean", "cls+mean")
+
+
 @flax.struct.dataclass
 class EncoderOutput:
     """Encoder tokens, cls first: `tokens` after the final LayerNorm, `prenorm` before it."""
@@ -424,9 +429,11 @@ class EncoderOutput:
     prenorm: jax.Array  # [B, 1 + K, width]
 
     def pooled(self) -> dict[str, jax.Array]:
-        """Evaluation features in float32: 'cls' (normed cls token), 'mean' (of normed patches)."""
+        """Evaluation features in float32, one per name of POOLINGS: 'cls' (normed cls token),
+        'mean' (of the normed patch tokens) and 'cls+mean' (the two concatenated)."""
         tokens = self.tokens.astype(jnp.float32)
-        return {"cls": tokens[:, 0], "mean": jnp.mean(tokens[:, 1:], axis=1)}
+        cls, mean = tokens[:, 0], jnp.mean(tokens[:, 1:], axis=1)
+        return {"cls": cls, "mean": mean, "cls+mean": jnp.concatenate([cls, mean], axis=-1)}
 
 
 class Encoder(nn.Module):
