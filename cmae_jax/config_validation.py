@@ -154,7 +154,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
 def _validate_eval(config: ml_collections.ConfigDict, num_devices: int, check_data: bool) -> None:
     """The evaluation keys (method 'eval'): init, protocols and their sections."""
     # TF-free: the evaluation package imports TensorFlow; only evaluation configs need it.
-    from cmae_jax.evaluation.features import PIXELS, POOLINGS, RANDOM_INIT
+    from cmae_jax.evaluation.features import PIXELS, RANDOM_INIT
     from cmae_jax.evaluation.protocols import NAMES as PROTOCOLS
 
     unknown = [p for p in config.protocols if p not in PROTOCOLS]
@@ -169,8 +169,8 @@ def _validate_eval(config: ml_collections.ConfigDict, num_devices: int, check_da
     )
     probe = config.linear_probe
     require(
-        probe.feature in POOLINGS,
-        f"config.linear_probe.feature={probe.feature!r} is not one of {', '.join(POOLINGS)}.",
+        probe.feature in vit.POOLINGS,
+        f"config.linear_probe.feature={probe.feature!r} is not one of {', '.join(vit.POOLINGS)}.",
     )
     require(
         probe.optimizer in ("lars", "sgd"),

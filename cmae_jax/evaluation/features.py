@@ -28,8 +28,6 @@ from cmae_jax.data import pipeline, sources
 from cmae_jax.models import vit
 from cmae_jax.models.encoder_spec import EncoderSpec
 
-POOLINGS = vit.POOLINGS
-
 
 class FeatureEncoder(nn.Module):
     """The ViT encoder of this project (params['encoder'] of any run) and its poolings."""
@@ -56,7 +54,7 @@ def encoder_feature_fn(
     model: FeatureEncoder | None,
     params: Any,
     out_sharding: NamedSharding,
-    keys: tuple[str, ...] = POOLINGS,
+    keys: tuple[str, ...] = vit.POOLINGS,
 ) -> Callable[[jax.Array], dict[str, jax.Array]]:
     """images -> {key: features} for the pooled features `keys`, jitted once; `model` None
     means raw pixels ({'pixels': ...}, `params` unused)."""

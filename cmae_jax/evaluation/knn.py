@@ -145,6 +145,6 @@ def per_class_accuracy(confusion: np.ndarray) -> list[float | None]:
 
 
 def feature_fn(model: Any) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
-    """(params, images) -> the frozen encoder's pooled features ({'cls', 'mean'}) of a
+    """(params, images) -> the frozen encoder's pooled features (vit.POOLINGS) of a
     pretraining model (CMAE, MAE, MAE-CT: their `features` method), for k-NN evaluations."""
     return lambda params, images: model.apply({"params": params}, images, method=model.features)
