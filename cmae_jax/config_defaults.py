@@ -180,7 +180,10 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.eval.knn = True
     config.eval.knn_k = 20
     config.eval.knn_temperature = 0.07
-    config.eval.feature = "cls"  # 'cls' token or 'mean' of patch tokens (final norm)
+    # What the k-NN, low-shot and clustering read (vit.POOLINGS, after the final norm): the
+    # 'cls' token, the 'mean' of the patch tokens, 'cls+mean', the 'grid' of 2x2 cells'
+    # token means, or every patch token flattened ('tokens': K x width numbers per image).
+    config.eval.feature = "cls"
     config.eval.batch_size = 1024
     config.eval.train_split = "train"  # the k-NN memory bank
     # During pretraining: every this many steps (0: never) a k-NN of the encoder on
@@ -325,7 +328,7 @@ def eval_config(protocols: tuple[str, ...] = ("knn",)) -> ml_collections.ConfigD
     config.protocols = protocols
     config.log_every_steps = 100
 
-    # k-NN: config.eval.knn_k, knn_temperature, feature ('cls', 'mean' or 'cls+mean').
+    # k-NN: config.eval.knn_k, knn_temperature, feature (one of vit.POOLINGS).
     config.linear_probe = ml_collections.ConfigDict(
         dict(
             feature="cls",

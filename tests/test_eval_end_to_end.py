@@ -8,11 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+from test_evaluation import numpy_knn
 from test_train import REPO, restore_raw, tiny_config
 
-from cmae_jax import config_validation
+from cmae_jax import config_validation, evaluate, sharding
 from cmae_jax.config_defaults import eval_config
-from cmae_jax.evaluation import features
+from cmae_jax.evaluation import features, protocols
 from cmae_jax.methods import cmae as train_cmae
 
 
@@ -128,3 +129,45 @@ def test_eval_config_errors(small_fashion_mnist, tmp_path):
     pixels.init, pixels.protocols = "pixels", ("finetune",)
     with pytest.raises(config_validation.ConfigError, match="no encoder to fine-tune"):
         config_validation.validate(pixels, num_devices=1)
+
+
+def _tokens_config(tiny_run: str, idx_dir: str):
+    config = eval_config()
+    config.init, config.dataset.idx_dir, config.protocols = tiny_run, idx_dir, ("knn",)
+    config.eval.feature, config.eval.batch_size = "tokens", 64
+    return features.resolve_config(config)
+
+
+def test_knn_reads_the_flattened_patch_tokens(tiny_run, small_fashion_mnist, tmp_path):
+    # eval.feature='tokens': the k-NN votes over the 16 patch tokens of the 4x4 grid,
+    # flattened (16 x 32 numbers), the same as a NumPy k-NN on the encoder's own tokens.
+    config = _tokens_config(tiny_run, small_fashion_mnist)
+    results = evaluate.evaluate(config, str(tmp_path / "eval"))
+    model, params = features.load_encoder(config.init, config)
+    mesh = sharding.make_mesh(config.mesh)
+    tokens_of = lambda p, images: {
+        "tokens": model.encoder.apply({"params": p["encoder"]}, images)
+        .tokens[:, 1:]
+        .reshape(len(images), -1)
+    }
+    ctx = protocols.Context(config=config, mesh=mesh, embed=tokens_of)
+    train, train_labels, test, test_labels = ctx.features(params)
+    assert train["tokens"].shape[1] == 16 * 32
+    expected = numpy_knn(train["tokens"], train_labels, test["tokens"], 20, 0.07, 10)
+    assert results["knn_top1"] == pytest.approx(np.mean(expected == test_labels))
+
+
+def test_features_too_large_for_the_host_are_refused_before_extraction(
+    tiny_run, small_fashion_mnist, monkeypatch
+):
+    # On a host of 2 MiB the tokens of the 512 train and 128 test images (512 numbers each,
+    # 1.25 MiB) are more than half of it: refused, naming the sizes and the pooled reads.
+    config = _tokens_config(tiny_run, small_fashion_mnist)
+    model, params = features.load_encoder(config.init, config)
+    embed = lambda p, images: model.apply({"params": p}, images)
+    ctx = protocols.Context(config=config, mesh=sharding.make_mesh(config.mesh), embed=embed)
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 512}
+    monkeypatch.setattr(protocols.os, "sysconf", pages.__getitem__)
+    message = r"\{'tokens': 512\} .* of 640 images need 1.2 MiB .* host's 2 MiB.*'grid'"
+    with pytest.raises(ValueError, match=message):
+        ctx.features(params)

@@ -217,6 +217,39 @@ def test_encoder_all_ids_equals_none():
     assert part.tokens.shape == (2, 3, 16)
 
 
+@pytest.mark.parametrize("height, width", [(16, 16), (12, 20)])
+def test_pooled_grid_and_tokens_match_torch_adaptive_pooling(height, width):
+    # 'grid' must be torch's adaptive_avg_pool2d to 2 x 2 of the patch-token map (an odd
+    # side shares its middle row or column between two cells), flattened cell by cell;
+    # 'tokens' the patch tokens in raster order.
+    torch = pytest.importorskip("torch")
+    enc = vit.Encoder(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4)
+    images = jax.random.normal(jax.random.key(7), (3, height, width, 1))
+    out = _apply(enc, _init(enc, 8, images), images)
+    rows, cols = height // 4, width // 4
+    assert out.grid == (rows, cols)
+    pooled = out.pooled()
+    patches = np.asarray(out.tokens[:, 1:])  # [B, rows * cols, 16]
+    token_map = torch.from_numpy(patches.reshape(3, rows, cols, 16)).permute(0, 3, 1, 2)
+    cells = torch.nn.functional.adaptive_avg_pool2d(token_map, (2, 2))  # [B, 16, 2, 2]
+    expected = cells.permute(0, 2, 3, 1).reshape(3, 4 * 16).numpy()
+    np.testing.assert_allclose(pooled["grid"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pooled["tokens"], patches.reshape(3, -1))
+    assert set(pooled) == set(vit.POOLINGS)
+    # Visible patches only: no grid to pool over.
+    ids = jnp.tile(jnp.arange(2, dtype=jnp.int32)[None], (3, 1))
+    with pytest.raises(ValueError, match="every patch"):
+        _apply(enc, _init(enc, 8, images), images, ids).pooled()
+
+
+def test_cell_weights_cover_every_patch():
+    weights = vit.cell_weights(3, 5)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-6)
+    # Rows {0, 1} and {1, 2}; columns {0, 1, 2} and {2, 3, 4}: the middle ones in two cells.
+    members = [set(np.flatnonzero(w)) for w in weights]
+    assert members[0] == {0, 1, 2, 5, 6, 7} and members[3] == {7, 8, 9, 12, 13, 14}
+
+
 def _conv3x3_same(x, kernel, bias):
     """Flax's 3x3 'SAME' convolution (cross-correlation) of one [h, w, c] image, by loops."""
     h, w, _ = x.shape

@@ -2,9 +2,9 @@
 
 An evaluation sees an encoder through `Features`: a jitted function images -> {name:
 [B, D]} built once (so periodic evaluations during pretraining never re-jit), with the
-pooled features 'cls' (cls token after the final LayerNorm), 'mean' (mean of the normed
-patch tokens) and 'cls+mean' (both concatenated), or 'pixels' (the flattened normalised
-image) for the raw-pixel baseline.
+pooled features of vit.POOLINGS ('cls': the cls token after the final LayerNorm, 'mean',
+'cls+mean', 'grid', 'tokens': see EncoderOutput.pooled), or 'pixels' (the flattened
+normalised image) for the raw-pixel baseline.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class FeatureEncoder(nn.Module):
     encoder: vit.Encoder
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """{'cls', 'mean', 'cls+mean'}: pooled float32 features of whole images."""
+        """{pooling: features} of whole images, one per name of vit.POOLINGS, float32."""
         return self.encoder(images, None, train=train).pooled()
 
 

@@ -91,11 +91,13 @@ class Context:
                 lambda p, images: {k: v for k, v in self.embed(p, images).items() if k in keys},
                 out_shardings=self.batch_sharding,
             )
+        splits = (self.config.eval.train_split, self.config.dataset.eval_split)
+        split_sources = [features.split_source(self.config, s, self.subset) for s in splits]
+        self._check_host_memory(params, sum(s.num_examples for s in split_sources))
         start = time.time()
         fn = lambda images: self._apply(params, images)
         out = []
-        for split in (self.config.eval.train_split, self.config.dataset.eval_split):
-            source = features.split_source(self.config, split, self.subset)
+        for source in split_sources:
             out.extend(features.features_of_split(self.config, fn, source, self.batch_sharding))
         logging.info(
             "Features of %d train and %d eval examples in %.0f s",
@@ -105,6 +107,25 @@ class Context:
         )
         self._cache = (id(params), tuple(out))
         return self._cache[1]
+
+    def _check_host_memory(self, params: Any, num_examples: int) -> None:
+        """Refuses, before any extraction, features whose two splits would fill more than
+        half of this host's memory (every process holds all rows): 'tokens' of a large
+        encoder on a large dataset."""
+        size, channels = self.config.input.image_size, self.config.input.channels
+        images = jax.ShapeDtypeStruct((1, size, size, channels), np.float32)
+        shapes = jax.eval_shape(self._apply, params, images)
+        per_example = {k: int(np.prod(v.shape[1:])) for k, v in shapes.items()}
+        needed = 4 * num_examples * sum(per_example.values())
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > available // 2:
+            raise ValueError(
+                f"The features {per_example} (numbers per image) of {num_examples:,} images "
+                f"need {needed / 2**20:,.1f} MiB of host memory, more than half of this "
+                f"host's {available / 2**20:,.0f} MiB. Read a pooled feature (config.eval.feature="
+                "'cls' or 'grid', config.linear_probe.feature likewise) or, during training, "
+                "a subset (config.eval.knn_subset, config.evals.<name>.subset)."
+            )
 
 
 # -------------------------------------------------------------------- The protocols

@@ -99,7 +99,7 @@ class CMAE(nn.Module):
         return self.projector(pooled, train)
 
     def features(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Frozen-encoder features for evaluation (vit.POOLINGS: cls token, patch mean, both)."""
+        """Frozen-encoder features for evaluation, one per name of vit.POOLINGS."""
         return self.encoder(images, None).pooled()
 
 

@@ -67,7 +67,7 @@ class MAECT(nn.Module):
         }
 
     def features(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Frozen-encoder features for evaluation (vit.POOLINGS: cls token, patch mean, both)."""
+        """Frozen-encoder features for evaluation, one per name of vit.POOLINGS."""
         return self.encoder(images, None).pooled()
 
 

@@ -60,7 +60,7 @@ class MoCoV3(nn.Module):
         return self.predictor(self.project(images, train), train)
 
     def features(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Frozen-encoder features for evaluation (vit.POOLINGS: cls token, patch mean, both)."""
+        """Frozen-encoder features for evaluation, one per name of vit.POOLINGS."""
         return self.encoder(images, None).pooled()
 
 

@@ -418,22 +418,57 @@ def conv_stem(patches: jax.Array, channels: int, dtype: Dtype) -> jax.Array:
 
 # The pooled features an encoder gives evaluations (EncoderOutput.pooled, config.eval.feature):
 # the same for the evaluation command and for the k-NN that runs inside a pretraining.
-POOLINGS = ("cls", "mean", "cls+mean")
+# 'grid' and 'tokens' keep where on the image a token was: the cls token and the patch mean
+# drop it, and on aligned images (Fashion-MNIST's centred garments) the raw pixels' k-NN
+# wins by comparing position by position.
+POOLINGS = ("cls", "mean", "cls+mean", "grid", "tokens")
+# 'grid': the patch tokens averaged over GRID_CELLS x GRID_CELLS cells of the patch grid.
+GRID_CELLS = 2
+
+
+def cell_weights(grid_h: int, grid_w: int, cells: int = GRID_CELLS) -> np.ndarray:
+    """[cells * cells, grid_h * grid_w] averaging weights of the patch grid's cells, row-major
+    (torch's adaptive average pooling bins: cell i spans [floor(i n / c), ceil((i + 1) n / c)),
+    so an odd grid's middle row or column belongs to two cells)."""
+
+    def bins(n: int) -> list[range]:
+        return [range(i * n // cells, -(-(i + 1) * n // cells)) for i in range(cells)]
+
+    weights = np.zeros((cells * cells, grid_h * grid_w), np.float32)
+    for r, rows in enumerate(bins(grid_h)):
+        for c, cols in enumerate(bins(grid_w)):
+            members = [y * grid_w + x for y in rows for x in cols]
+            weights[r * cells + c, members] = 1.0 / len(members)
+    return weights
 
 
 @flax.struct.dataclass
 class EncoderOutput:
-    """Encoder tokens, cls first: `tokens` after the final LayerNorm, `prenorm` before it."""
+    """Encoder tokens, cls first: `tokens` after the final LayerNorm, `prenorm` before it;
+    `grid` the (rows, columns) of the patch tokens when all patches were encoded."""
 
     tokens: jax.Array  # [B, 1 + K, width]
     prenorm: jax.Array  # [B, 1 + K, width]
+    grid: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
 
     def pooled(self) -> dict[str, jax.Array]:
         """Evaluation features in float32, one per name of POOLINGS: 'cls' (normed cls token),
-        'mean' (of the normed patch tokens) and 'cls+mean' (the two concatenated)."""
+        'mean' (of the normed patch tokens), 'cls+mean' (the two concatenated), 'grid' (the
+        patch tokens' means over GRID_CELLS^2 cells, concatenated row-major) and 'tokens'
+        (every normed patch token, flattened in raster order: K x width numbers)."""
+        if self.grid is None:
+            raise ValueError("Pooled features need every patch encoded (ids_keep=None).")
         tokens = self.tokens.astype(jnp.float32)
-        cls, mean = tokens[:, 0], jnp.mean(tokens[:, 1:], axis=1)
-        return {"cls": cls, "mean": mean, "cls+mean": jnp.concatenate([cls, mean], axis=-1)}
+        cls, patches = tokens[:, 0], tokens[:, 1:]
+        mean = jnp.mean(patches, axis=1)
+        cells = jnp.einsum("ck,bkd->bcd", cell_weights(*self.grid), patches)
+        return {
+            "cls": cls,
+            "mean": mean,
+            "cls+mean": jnp.concatenate([cls, mean], axis=-1),
+            "grid": cells.reshape(len(cells), -1),
+            "tokens": patches.reshape(len(patches), -1),
+        }
 
 
 class Encoder(nn.Module):
@@ -522,7 +557,8 @@ class Encoder(nn.Module):
             deterministic=not train,
         )
         tokens = _constrain_tokens(layer_norm(self.dtype, "norm")(x))
-        return EncoderOutput(tokens=tokens, prenorm=x)
+        grid = (grid_h, grid_w) if ids_keep is None else None
+        return EncoderOutput(tokens=tokens, prenorm=x, grid=grid)
 
 
 def encoder_from_variant(variant: str, **overrides: Any) -> Encoder:
@@ -548,6 +584,7 @@ __all__: Sequence[str] = (
     "attention_weights",
     "block_class",
     "block_stack",
+    "cell_weights",
     "conv_stem",
     "count_params",
     "dot_product_attention",
