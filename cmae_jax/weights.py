@@ -9,6 +9,7 @@ resolves its path here: `find_checkpoint` picks the folder of parameters to read
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -41,7 +42,9 @@ def find_checkpoint(path: str) -> epath.Path:
     """
     if interop.is_published_checkpoint(path):
         return epath.Path(path)
-    root = epath.Path(path)
+    # Absolute: orbax reads no metadata of a relative folder (item_metadata None), so a
+    # relative config.init, as the README's commands give it, failed to load until 2026-12-05.
+    root = epath.Path(path if "://" in path else os.path.abspath(path))
     if root.name in (checkpointing.STATE, checkpointing.PUBLISHED) and root.is_dir():
         return root
     if (root / checkpointing.STATE).exists():

@@ -94,7 +94,7 @@ def test_every_protocol_from_the_command_line(tiny_run, small_fashion_mnist, tmp
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
 
 
-def test_loaded_encoder_is_the_trained_one(tiny_run, small_fashion_mnist):
+def test_loaded_encoder_is_the_trained_one(tiny_run, small_fashion_mnist, monkeypatch):
     config = eval_config()
     config.init = os.path.join(tiny_run, "checkpoints")
     config.dataset.idx_dir = small_fashion_mnist
@@ -103,6 +103,13 @@ def test_loaded_encoder_is_the_trained_one(tiny_run, small_fashion_mnist):
     state, _ = restore_raw(tiny_run, 6)
     np.testing.assert_array_equal(
         np.asarray(params["encoder"]["cls"]), state["params"]["encoder"]["cls"]
+    )
+    # The README's commands name the run relative to the working directory.
+    parent, name = os.path.split(tiny_run)
+    monkeypatch.chdir(parent)
+    _, relative_params = features.load_encoder(name, config)
+    np.testing.assert_array_equal(
+        np.asarray(relative_params["encoder"]["cls"]), state["params"]["encoder"]["cls"]
     )
     _, random_params = features.load_encoder("random", config)
     assert random_params["encoder"]["cls"].shape == params["encoder"]["cls"].shape
