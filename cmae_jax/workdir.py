@@ -28,9 +28,13 @@ def read_json(workdir: str | os.PathLike, name: str) -> Any | None:
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
-    """Every line of WORKDIR/metrics.jsonl, in the order written."""
+    """Every complete line of WORKDIR/metrics.jsonl, in the order written.
+
+    A last line without its newline is one being written (a reader polling a live run
+    caught it half-way on 2026-12-05) and is left out."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        complete = f.read().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]

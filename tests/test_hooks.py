@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmae_jax import loop, sharding, terminal, train_state
+from cmae_jax import loop, sharding, terminal, train_state, writers
 from cmae_jax import workdir as workdir_files
 from cmae_jax.config_defaults import fashion_mnist_config
 from cmae_jax.evaluation import hooks as evaluation_hooks
@@ -106,6 +106,20 @@ def test_hooks_run_at_their_steps_and_their_scalars_are_kept(tmp_path):
     assert workdir_files.read_json(workdir, "results.json")["final"] == 0.5
     rows = [r for r in workdir_files.read_metrics(workdir) if "final" in r]
     assert [(r["step"], r["final"]) for r in rows] == [(6, 0.5)]
+
+
+def test_metrics_lines_round_trip_and_a_line_being_written_is_left_out(tmp_path):
+    # A reader polling a live run (the fault tests, the benchmark's curves) can catch the
+    # newest line half-written: the complete lines come back, the partial one does not.
+    writer = writers.JsonLinesWriter(str(tmp_path))
+    writer.write_scalars(1, {"loss": 2.5})
+    writer.write_scalars(2, {"loss": np.float32(1.25), "lr": 0.001})
+    rows = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 1.25, "lr": 0.001}]
+    assert workdir_files.read_metrics(str(tmp_path)) == rows
+    with open(tmp_path / workdir_files.METRICS_FILE, "a") as f:
+        f.write('{"step": 3, "loss": 1.0')
+    assert workdir_files.read_metrics(str(tmp_path)) == rows
+    assert workdir_files.read_metrics(str(tmp_path / "nothing")) == []
 
 
 def test_hook_steps():
