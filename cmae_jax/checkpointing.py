@@ -17,13 +17,17 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 
+def orbax_path(path: str) -> epath.Path:
+    """`path` as orbax wants it: absolute (it reads no metadata of a relative folder); a
+    cloud path (gs://...) already is."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 class Checkpointer:
     """Periodic saves under WORKDIR/checkpoints, keeping the newest `keep`, resumable."""
 
     def __init__(self, workdir: str, *, keep: int, save_every_steps: int):
-        # orbax wants an absolute path; a cloud path (gs://...) already is one.
-        local = "://" not in workdir
-        self.directory = epath.Path(os.path.abspath(workdir) if local else workdir) / "checkpoints"
+        self.directory = orbax_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

@@ -9,7 +9,6 @@ resolves its path here: `find_checkpoint` picks the folder of parameters to read
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -42,9 +41,9 @@ def find_checkpoint(path: str) -> epath.Path:
     """
     if interop.is_published_checkpoint(path):
         return epath.Path(path)
-    # Absolute: orbax reads no metadata of a relative folder (item_metadata None), so a
-    # relative config.init, as the README's commands give it, failed to load until 2026-12-05.
-    root = epath.Path(path if "://" in path else os.path.abspath(path))
+    # A relative config.init, as the README's commands give it, failed to load until
+    # 2026-12-05: orbax read no metadata of the relative folder.
+    root = checkpointing.orbax_path(path)
     if root.name in (checkpointing.STATE, checkpointing.PUBLISHED) and root.is_dir():
         return root
     if (root / checkpointing.STATE).exists():

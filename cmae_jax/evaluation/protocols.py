@@ -85,15 +85,16 @@ class Context:
         parameters object (the frozen protocols of one evaluation share them)."""
         if self._cache is not None and self._cache[0] == id(params):
             return self._cache[1]
+        splits = (self.config.eval.train_split, self.config.dataset.eval_split)
+        split_sources = [features.split_source(self.config, s, self.subset) for s in splits]
         if self._apply is None:
             keys = self.feature_keys()
             self._apply = jax.jit(
                 lambda p, images: {k: v for k, v in self.embed(p, images).items() if k in keys},
                 out_shardings=self.batch_sharding,
             )
-        splits = (self.config.eval.train_split, self.config.dataset.eval_split)
-        split_sources = [features.split_source(self.config, s, self.subset) for s in splits]
-        self._check_host_memory(params, sum(s.num_examples for s in split_sources))
+            # Once: the feature sizes and the splits stay what they are between evaluations.
+            self._check_host_memory(params, sum(s.num_examples for s in split_sources))
         start = time.time()
         fn = lambda images: self._apply(params, images)
         out = []
