@@ -91,6 +91,11 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.model.feature_decoder_depth = 2
     config.model.projector_hidden = 1536
     config.model.projection_dim = 256
+    # CMAE: what the contrastive branch pools its patch tokens into before the projector:
+    # 'mean' (the paper's), 'grid' (means over 2 x 2 cells, concatenated) or 'cells' (each
+    # cell's mean contrasted on its own); levers of the small-data study (README "Does it
+    # learn?"), models.cmae.CONTRASTIVE_POOLINGS.
+    config.model.contrastive_pooling = "mean"
     # Compute dtype; parameters and optimiser state are float32 whatever it is. 'auto':
     # bfloat16 on GPU and TPU, float32 on CPU (models.cmae.resolve_dtype).
     config.model.dtype = "auto"

@@ -601,6 +601,47 @@ def test_cmae_forward_target_and_features(cmae_variables):
     )
 
 
+@pytest.mark.parametrize("pooling", ["grid", "cells"])
+def test_cmae_cell_pooling_feeds_the_projector_cell_means(pooling):
+    # contrastive_pooling 'grid' / 'cells': both branches pool their patch tokens into the
+    # 2 x 2 cells' means (here a 4 x 4 grid: each cell four patches); 'grid' concatenates
+    # them (the projector reads 4 x 16 numbers per image), 'cells' makes each cell a row of
+    # its own (4 rows of 16 per image, image-major). Checked against NumPy means.
+    model = CMAE(**TINY, contrastive_pooling=pooling)
+    images, ids_keep, ids_mask = _cmae_inputs(size=16, keep=4)
+    variables = _init(model, 20, images, ids_keep, ids_mask, train=False)
+    params = nn.meta.unbox(variables["params"])
+    width = 4 * 16 if pooling == "grid" else 16
+    assert params["projector"]["dense_0"]["kernel"].shape == (width, 12)
+    assert model.contrastive_width() == width and CMAE(**TINY).contrastive_width() == 16
+    assert model.contrastive_rows() == (4 if pooling == "cells" else 1)
+
+    def numpy_cells(tokens):  # [B, 16, D] raster order -> [B, 4 * D] or [B * 4, D]
+        grid = np.asarray(tokens).reshape(len(tokens), 2, 2, 2, 2, -1)  # b, R, r, C, c, d
+        cells = grid.mean(axis=(2, 4))  # [B, 2, 2, D]
+        return cells.reshape(len(tokens), -1) if pooling == "grid" else cells.reshape(-1, 16)
+
+    enc = vit.Encoder(16, 2, 2, 32, 4)
+    prenorm = _apply(enc, {"params": params["encoder"]}, images).prenorm
+    head = {"params": params["projector"], "batch_stats": variables["batch_stats"]["projector"]}
+    expected = _apply(MLPHead(12, 6), head, numpy_cells(prenorm[:, 1:]), False)
+    target = _apply(model, variables, images, False, method=CMAE.target_projection)
+    assert target.shape == (4 * model.contrastive_rows(), 6)
+    np.testing.assert_allclose(target, expected, rtol=1e-5, atol=1e-6)
+
+    latents = _apply(enc, {"params": params["encoder"]}, images, ids_keep).tokens
+    decoder = Decoder(out_dim=16, width=8, depth=1, num_heads=2, mlp_dim=32)
+    feats = _apply(
+        decoder, {"params": params["feature_decoder"]}, latents, ids_keep, ids_mask, (4, 4)
+    )
+    projection = _apply(MLPHead(12, 6), head, numpy_cells(feats), False)
+    stats = variables["batch_stats"]["predictor"]
+    predictor = {"params": params["predictor"], "batch_stats": stats}
+    expected = _apply(MLPHead(12, 6, in_axis="proj"), predictor, projection, False)
+    out = _apply(model, variables, images, ids_keep, ids_mask, train=False)
+    np.testing.assert_allclose(out["online_pred"], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_cmae_bf16_and_plain_mae(cmae_variables):
     images, ids_keep, ids_mask = _cmae_inputs()
     model = CMAE(**{**TINY, "encoder_spec": replace(TINY_ENCODER, dtype=jnp.bfloat16)})
@@ -697,3 +738,8 @@ def test_build_model_from_config():
     model_cfg.dtype = "float16"
     with pytest.raises(ValueError, match="dtype"):
         build_model(model_cfg, input_cfg)
+    model_cfg.dtype, model_cfg.contrastive_pooling = "float32", "max"
+    with pytest.raises(ValueError, match="contrastive_pooling='max' is not one of"):
+        build_model(model_cfg, input_cfg)
+    model_cfg.contrastive_pooling = "grid"
+    assert build_model(model_cfg, input_cfg).contrastive_pooling == "grid"

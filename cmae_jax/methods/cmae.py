@@ -478,9 +478,11 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     batch = config.input.global_batch_size
     if model.contrastive:
         trained += decoder(spec.width, model.feature_decoder_depth)
-        trained += head(spec.width) + head(model.projection_dim)
-        target = flops.encoder_flops(spec, patches + 1, spec.channels) + head(spec.width)
-        trained += 2 * batch * model.projection_dim  # the InfoNCE logits row of one query
+        pooled, rows = model.contrastive_width(), model.contrastive_rows()
+        trained += rows * (head(pooled) + head(model.projection_dim))
+        target = flops.encoder_flops(spec, patches + 1, spec.channels) + rows * head(pooled)
+        # The InfoNCE logits rows of one image's queries.
+        trained += rows * 2 * rows * batch * model.projection_dim
     return float(3 * trained + target)
 
 

@@ -16,6 +16,14 @@ import jax.numpy as jnp
 from cmae_jax.models.decoder import Decoder
 from cmae_jax.models.encoder_spec import EncoderSpec
 from cmae_jax.models.heads import MLPHead
+from cmae_jax.models.vit import GRID_CELLS, cell_means
+
+# What the contrastive branch pools its tokens into before the projector: 'mean' over the
+# patches (the paper's); 'grid', their means over the 2 x 2 cells of the patch grid,
+# concatenated (the `grid` evaluation read), so the InfoNCE also sees where things are;
+# 'cells', each cell's mean a query of its own (rows image-major), whose positive is the
+# same cell of the target view and whose negatives are every other cell of the batch.
+CONTRASTIVE_POOLINGS = ("mean", "grid", "cells")
 
 
 class CMAE(nn.Module):
@@ -30,6 +38,7 @@ class CMAE(nn.Module):
     projector_hidden: int = 1536
     projection_dim: int = 256
     contrastive: bool = True
+    contrastive_pooling: str = "mean"
 
     def setup(self):
         # The decoders share the encoder's compute dtype, remat policy and scan layout.
@@ -67,13 +76,33 @@ class CMAE(nn.Module):
         patch = self.encoder_spec.patch_size
         return images.shape[1] // patch, images.shape[2] // patch
 
+    def _pool(self, patches: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        """[B, N, D] patch tokens -> the contrastive branch's float32 representation."""
+        if self.contrastive_pooling == "grid":
+            return cell_means(patches, grid)
+        if self.contrastive_pooling == "cells":
+            return cell_means(patches, grid).reshape(-1, patches.shape[-1])
+        if self.contrastive_pooling == "mean":
+            return jnp.mean(patches.astype(jnp.float32), axis=1)
+        raise ValueError(f"Unknown contrastive_pooling {self.contrastive_pooling!r}.")
+
+    def contrastive_width(self) -> int:
+        """Width of the pooled representation the projector reads."""
+        cells = GRID_CELLS * GRID_CELLS if self.contrastive_pooling == "grid" else 1
+        return cells * self.encoder_spec.width
+
+    def contrastive_rows(self) -> int:
+        """InfoNCE queries (and keys) per image."""
+        return GRID_CELLS * GRID_CELLS if self.contrastive_pooling == "cells" else 1
+
     def __call__(
         self, online: jax.Array, ids_keep: jax.Array, ids_mask: jax.Array, train: bool
     ) -> dict[str, jax.Array]:
-        """Online branch: {'pixel_pred': [B, N, p*p*C], 'online_pred': [B, projection_dim]}.
+        """Online branch: {'pixel_pred': [B, N, p*p*C], 'online_pred': [B * R, projection_dim]}.
 
         'pixel_pred' covers all N patches in row-major order (the loss picks the masked ones);
-        'online_pred' is only present when `contrastive`.
+        'online_pred' is only present when `contrastive`; R = `contrastive_rows()` queries
+        per image, image-major, as the target branch's keys.
         """
         grid = self._grid(online)
         latents = self.encoder(online, ids_keep).tokens
@@ -82,20 +111,21 @@ class CMAE(nn.Module):
         }
         if self.contrastive:
             feats = self.feature_decoder(latents, ids_keep, ids_mask, grid)
-            online_repr = jnp.mean(feats.astype(jnp.float32), axis=1)  # all N positions
+            online_repr = self._pool(feats, grid)  # all N positions
             projection = self.projector(online_repr, train)
             out["online_pred"] = self.predictor(projection, train)
         return out
 
     def target_projection(self, images: jax.Array, train: bool) -> jax.Array:
-        """Target branch: whole view, pre-norm features mean-pooled over patches, projector.
+        """Target branch: whole view, pre-norm patch features pooled as the online branch's
+        (`contrastive_pooling`), projector.
 
         Needs only params {'encoder', 'projector'} (and the projector's batch_stats).
         """
         if not self.contrastive:
             raise ValueError("target_projection needs a contrastive CMAE (contrastive=True).")
         prenorm = self.encoder(images, None).prenorm
-        pooled = jnp.mean(prenorm[:, 1:].astype(jnp.float32), axis=1)  # exclude cls
+        pooled = self._pool(prenorm[:, 1:], self._grid(images))  # exclude cls
         return self.projector(pooled, train)
 
     def features(self, images: jax.Array) -> dict[str, jax.Array]:
@@ -111,6 +141,14 @@ def build_model(model_cfg: Any, input_cfg: Any, contrastive: bool | None = None)
     falling back to input_cfg.target_view, falling back to True.
     """
     spec = EncoderSpec.from_config(model_cfg, input_cfg)
+    pooling = str(model_cfg.get("contrastive_pooling", "mean"))
+    if pooling not in CONTRASTIVE_POOLINGS:
+        raise ValueError(
+            f"config.model.contrastive_pooling={pooling!r} is not one of "
+            f"{CONTRASTIVE_POOLINGS}: 'mean' pools the patch tokens (the paper's), 'grid' "
+            f"concatenates their means over {GRID_CELLS} x {GRID_CELLS} cells of the patch grid, "
+            "'cells' contrasts each cell's mean on its own."
+        )
     if contrastive is None:
         contrastive = model_cfg.get("contrastive")
     if contrastive is None:
@@ -124,4 +162,5 @@ def build_model(model_cfg: Any, input_cfg: Any, contrastive: bool | None = None)
         projector_hidden=int(model_cfg.get("projector_hidden", 1536)),
         projection_dim=int(model_cfg.get("projection_dim", 256)),
         contrastive=True if contrastive is None else bool(contrastive),
+        contrastive_pooling=pooling,
     )

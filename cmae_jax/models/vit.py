@@ -442,6 +442,14 @@ def cell_weights(grid_h: int, grid_w: int, cells: int = GRID_CELLS) -> np.ndarra
     return weights
 
 
+def cell_means(patches: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """[B, K, D] patch tokens in raster order -> [B, GRID_CELLS^2 * D] float32: their means
+    over the cells of `cell_weights`, concatenated row-major (the 'grid' feature)."""
+    weights = cell_weights(*grid)
+    cells = jnp.einsum("ck,bkd->bcd", weights, patches.astype(jnp.float32))
+    return cells.reshape(len(patches), -1)
+
+
 @flax.struct.dataclass
 class EncoderOutput:
     """Encoder tokens, cls first: `tokens` after the final LayerNorm, `prenorm` before it;
@@ -461,12 +469,11 @@ class EncoderOutput:
         tokens = self.tokens.astype(jnp.float32)
         cls, patches = tokens[:, 0], tokens[:, 1:]
         mean = jnp.mean(patches, axis=1)
-        cells = jnp.einsum("ck,bkd->bcd", cell_weights(*self.grid), patches)
         return {
             "cls": cls,
             "mean": mean,
             "cls+mean": jnp.concatenate([cls, mean], axis=-1),
-            "grid": cells.reshape(len(cells), -1),
+            "grid": cell_means(patches, self.grid),
             "tokens": patches.reshape(len(patches), -1),
         }
 
@@ -584,6 +591,7 @@ __all__: Sequence[str] = (
     "attention_weights",
     "block_class",
     "block_stack",
+    "cell_means",
     "cell_weights",
     "conv_stem",
     "count_params",
