@@ -23,7 +23,13 @@ from cmae_jax.models.vit import GRID_CELLS, cell_means
 # concatenated (the `grid` evaluation read), so the InfoNCE also sees where things are;
 # 'cells', each cell's mean a query of its own (rows image-major), whose positive is the
 # same cell of the target view and whose negatives are every other cell of the batch.
-CONTRASTIVE_POOLINGS = ("mean", "grid", "cells")
+# Each pooling's (InfoNCE rows per image, encoder widths per row).
+_POOLED_SHAPES = {
+    "mean": (1, 1),
+    "grid": (1, GRID_CELLS * GRID_CELLS),
+    "cells": (GRID_CELLS * GRID_CELLS, 1),
+}
+CONTRASTIVE_POOLINGS = tuple(_POOLED_SHAPES)
 
 
 class CMAE(nn.Module):
@@ -88,12 +94,11 @@ class CMAE(nn.Module):
 
     def contrastive_width(self) -> int:
         """Width of the pooled representation the projector reads."""
-        cells = GRID_CELLS * GRID_CELLS if self.contrastive_pooling == "grid" else 1
-        return cells * self.encoder_spec.width
+        return _POOLED_SHAPES[self.contrastive_pooling][1] * self.encoder_spec.width
 
     def contrastive_rows(self) -> int:
         """InfoNCE queries (and keys) per image."""
-        return GRID_CELLS * GRID_CELLS if self.contrastive_pooling == "cells" else 1
+        return _POOLED_SHAPES[self.contrastive_pooling][0]
 
     def __call__(
         self, online: jax.Array, ids_keep: jax.Array, ids_mask: jax.Array, train: bool
