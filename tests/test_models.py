@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cmae_jax.evaluation.features import encoder_embed
 from cmae_jax.models import vit
 from cmae_jax.models.cmae import CMAE, build_model
 from cmae_jax.models.decoder import Decoder
@@ -589,7 +590,8 @@ def test_cmae_forward_target_and_features(cmae_variables):
     )
     np.testing.assert_allclose(proj, expected, rtol=1e-5, atol=1e-6)
 
-    feats = _apply(model, {"params": {"encoder": params["encoder"]}}, images, method=CMAE.features)
+    # What every trainer's periodic k-NN reads from the whole parameter tree.
+    feats = jax.jit(encoder_embed(model.encoder_spec))(params, images)
     tokens = _apply(enc, {"params": params["encoder"]}, images).tokens
     np.testing.assert_allclose(feats["cls"], tokens[:, 0], rtol=1e-6)
     np.testing.assert_allclose(feats["mean"], tokens[:, 1:].mean(1), rtol=1e-5, atol=1e-6)

@@ -39,6 +39,13 @@ class FeatureEncoder(nn.Module):
         return self.encoder(images, None, train=train).pooled()
 
 
+def encoder_embed(spec: EncoderSpec) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
+    """(params, images) -> {pooling: features} of params['encoder'], the encoder that `spec`
+    builds: how every trainer's periodic evaluations read the run's encoder."""
+    model = FeatureEncoder(spec.encoder())
+    return lambda params, images: model.apply({"params": {"encoder": params["encoder"]}}, images)
+
+
 def build_encoder(config: ml_collections.ConfigDict) -> vit.Encoder:
     """The encoder that config.model and config.input describe (the pretraining models'
     EncoderSpec)."""

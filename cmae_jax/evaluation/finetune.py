@@ -252,13 +252,8 @@ def train_and_evaluate(
     # hooks import the protocols, which import this module.
     from cmae_jax.evaluation import hooks as evaluation_hooks
 
-    feature_model = features.FeatureEncoder(spec.encoder())
     hooks = evaluation_hooks.make_hooks(
-        config,
-        run.mesh,
-        lambda params, images: feature_model.apply({"params": params}, images),
-        params_of=lambda state: {"": {"encoder": state.params["encoder"]}},
-        types=("periodic",),
+        config, run.mesh, features.encoder_embed(spec), types=("periodic",)
     )
     results = loop.train(run, task, hooks=hooks)
 

@@ -13,8 +13,6 @@ lower `chunk_size` to shrink it).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -142,9 +140,3 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def per_class_accuracy(confusion: np.ndarray) -> list[float | None]:
     """Top-1 accuracy of each class (a row of `confusion`); None for a class with no example."""
     return [float(row[i] / row.sum()) if row.sum() else None for i, row in enumerate(confusion)]
-
-
-def feature_fn(model: Any) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
-    """(params, images) -> the frozen encoder's pooled features (vit.POOLINGS) of a
-    pretraining model (CMAE, MAE, MAE-CT: their `features` method), for k-NN evaluations."""
-    return lambda params, images: model.apply({"params": params}, images, method=model.features)

@@ -80,7 +80,7 @@ class Checks:
 class StepParts:
     """An update step built from a config, as the trainer builds it.
 
-    model        the flax module (its `features` method embeds images for k-NN)
+    model        the flax module; its `encoder_spec` builds the encoder that k-NN reads
     init_state   rng -> state (TrainState or subclass; leaves logically boxed)
     make_update  state shardings (or None) -> (state, batch) -> (state, metrics), not
                  jitted; cmae_jax.loop.jit_step jits it with the guard

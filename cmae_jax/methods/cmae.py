@@ -35,7 +35,6 @@ from cmae_jax import (
     weights,
 )
 from cmae_jax.config_checks import ConfigError, require, require_checkpoint
-from cmae_jax.evaluation import knn
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import vit
 
@@ -256,6 +255,7 @@ def train_and_evaluate(
     # TF-free: the input pipeline and the evaluations import TensorFlow, which only the
     # trainer needs, not the update step (benchmarks, compile-ahead).
     from cmae_jax.data import pipeline, train_data
+    from cmae_jax.evaluation import features
     from cmae_jax.evaluation import hooks as evaluation_hooks
 
     run = loop.set_up(
@@ -343,7 +343,10 @@ def train_and_evaluate(
         ),
     )
     hooks = evaluation_hooks.make_hooks(
-        config, run.mesh, knn.feature_fn(model), own={"reconstructions": write_pictures}
+        config,
+        run.mesh,
+        features.encoder_embed(model.encoder_spec),
+        own={"reconstructions": write_pictures},
     )
     return loop.train(run, task, hooks=hooks, stop_at_step=stop_at_step)
 

@@ -72,7 +72,6 @@ from cmae_jax.config_checks import (
     require_range,
     require_two_view_augment,
 )
-from cmae_jax.evaluation import knn
 from cmae_jax.methods import mae
 from cmae_jax.models import maect as maect_model
 
@@ -368,6 +367,7 @@ def train_stage(
     # TF-free: the input pipeline and the evaluations import TensorFlow, which only the
     # trainer needs, not the update step (benchmarks, compile-ahead).
     from cmae_jax.data import train_data
+    from cmae_jax.evaluation import features
     from cmae_jax.evaluation import hooks as evaluation_hooks
 
     stage = config.stages[STAGE_SECTIONS[stage_name]]
@@ -423,7 +423,7 @@ def train_stage(
     hooks = evaluation_hooks.make_hooks(
         config,
         run.mesh,
-        knn.feature_fn(model),
+        features.encoder_embed(model.encoder_spec),
         params_of=lambda state: (
             {"_raw": state.params, "_ema": {**state.params, "encoder": ema_encoder(state, stage)}}
             if keeps_encoder_ema(stage)

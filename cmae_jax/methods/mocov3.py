@@ -43,7 +43,6 @@ import optax
 from cmae_jax import ema, flops, loop, losses, methods, optim, param_groups, train_state
 from cmae_jax.config_checks import ConfigError, require, require_two_view_augment
 from cmae_jax.config_defaults import BYOL_VIEW_AUGMENT
-from cmae_jax.evaluation import knn
 from cmae_jax.models import mocov3 as mocov3_model
 
 # The parts of the online parameters that the momentum branch copies.
@@ -287,13 +286,16 @@ def train_and_evaluate(
     # TF-free: the input pipeline and the evaluations import TensorFlow, which only the
     # trainer needs, not the update step (benchmarks, compile-ahead).
     from cmae_jax.data import train_data
+    from cmae_jax.evaluation import features
     from cmae_jax.evaluation import hooks as evaluation_hooks
 
     run = loop.set_up(
         config, workdir, method=config.method, data=train_data.TrainData.from_config(config)
     )
     task, model = make_task(config, run)
-    hooks = evaluation_hooks.make_hooks(config, run.mesh, knn.feature_fn(model))
+    hooks = evaluation_hooks.make_hooks(
+        config, run.mesh, features.encoder_embed(model.encoder_spec)
+    )
     return loop.train(run, task, hooks=hooks, stop_at_step=stop_at_step)
 
 

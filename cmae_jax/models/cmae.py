@@ -1,8 +1,9 @@
 """CMAE: MAE (encoder + pixel decoder) plus a feature decoder and projector/predictor heads.
 
 The online branch runs `__call__`; the target branch (EMA copies of params['encoder'] and
-params['projector']) runs `target_projection`; evaluation uses `features`. With
-`contrastive=False` the model is plain MAE (no feature decoder, no heads).
+params['projector']) runs `target_projection`; evaluations read params['encoder'] alone
+(evaluation.features.encoder_embed). With `contrastive=False` the model is plain MAE (no
+feature decoder, no heads).
 """
 
 from __future__ import annotations
@@ -132,10 +133,6 @@ class CMAE(nn.Module):
         prenorm = self.encoder(images, None).prenorm
         pooled = self._pool(prenorm[:, 1:], self._grid(images))  # exclude cls
         return self.projector(pooled, train)
-
-    def features(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Frozen-encoder features for evaluation, one per name of vit.POOLINGS."""
-        return self.encoder(images, None).pooled()
 
 
 def build_model(model_cfg: Any, input_cfg: Any, contrastive: bool | None = None) -> CMAE:

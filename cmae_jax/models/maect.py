@@ -50,7 +50,7 @@ class MAECT(nn.Module):
 
     def pool(self, images: jax.Array) -> jax.Array:
         """The encoder's pooled representation of whole images, [B, width] float32."""
-        return self.features(images)[self.pooling]
+        return self.encoder(images, None).pooled()[self.pooling]
 
     def project(self, pooled: jax.Array, train: bool) -> jax.Array:
         """Projector only (needs params['projector']); the EMA target branch runs this."""
@@ -65,10 +65,6 @@ class MAECT(nn.Module):
             "projection": projection,
             "prediction": self.predictor(projection, train),
         }
-
-    def features(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Frozen-encoder features for evaluation, one per name of vit.POOLINGS."""
-        return self.encoder(images, None).pooled()
 
 
 def build_model(model_cfg: Any, input_cfg: Any, maect_cfg: Any) -> MAECT:

@@ -59,10 +59,6 @@ class MoCoV3(nn.Module):
         """Online branch: projector then predictor (the queries), [B, projection_dim]."""
         return self.predictor(self.project(images, train), train)
 
-    def features(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Frozen-encoder features for evaluation, one per name of vit.POOLINGS."""
-        return self.encoder(images, None).pooled()
-
 
 def build_model(model_cfg: Any, input_cfg: Any, mocov3_cfg: Any) -> MoCoV3:
     """MoCoV3 from config.model, config.input and config.mocov3 (the encoder resolved and
