@@ -31,7 +31,9 @@ minute budgets compare what a user gets in that time).
 
 With several --seeds every pretraining runs once per seed (seed 0 in W/<method>, seed N in
 W/<method>_seedN) and every number of a method's row is the mean of its seeds', with the
-lowest and highest beside it: one seed's k-NN moves by about a point on Fashion-MNIST.
+lowest and highest beside it: one seed's k-NN moves by about a point on Fashion-MNIST. The
+random encoder is drawn with each seed too (W/eval_random, W/eval_random_seedN); the pixels
+are evaluated once.
 
 Writes to the workdir: representation.json (every number, the commands, the curves),
 curves.png (k-NN against epochs and against wall minutes, one line per method, the pixels'
@@ -382,20 +384,32 @@ def joined_curve(runs: list[Run]) -> tuple[list[dict[str, Any]], float]:
 EVAL_CONFIG = "configs/eval/all.py"
 
 
-def evaluation_overrides(init: str, args: argparse.Namespace) -> dict[str, str]:
-    """The evaluation command's overrides for the encoder `init` names."""
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """One evaluated encoder: its folder name (W/eval_<name>), what config.init names, and
+    the evaluation's seed (0 is left out of the command, as before seeds existed)."""
+
+    name: str
+    init: str
+    seed: int = 0
+
+
+def evaluation_overrides(encoder: Encoder, args: argparse.Namespace) -> dict[str, str]:
+    """The evaluation command's overrides for one encoder."""
     return {
-        "init": init,
+        "init": encoder.init,
+        **({"seed": str(encoder.seed)} if encoder.seed else {}),
         "protocols": repr(tuple(args.protocols)),
         **parse_overrides(args.eval_set),
     }
 
 
-def evaluate(name: str, init: str, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(encoder: Encoder, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
     """The evaluation command's results for one encoder (run unless already there)."""
+    name = encoder.name
     eval_dir = os.path.join(workdir, f"eval_{name}")
     results_path = os.path.join(eval_dir, "eval_results.json")
-    command = main_command(EVAL_CONFIG, eval_dir, evaluation_overrides(init, args))
+    command = main_command(EVAL_CONFIG, eval_dir, evaluation_overrides(encoder, args))
     if read_json(results_path) is None:
         print(f"[{name}] evaluating: {' '.join(command)}", flush=True)
         run_command(command, os.path.join(workdir, f"eval_{name}.log"), minutes=0)
@@ -586,18 +600,24 @@ def main() -> None:
     unknown = set(parse_overrides(args.set)) - used
     if unknown:
         raise SystemExit(f"--set keys in no method's config: {', '.join(sorted(unknown))}.")
-    # The baselines do not depend on the pretraining seed: one evaluation each.
-    encoders = {"raw pixels": [("pixels", "pixels")], "random init": [("random", "random")]}
-    encoders.update({m: [(run_name(m, s), runs[m, s][-1].encoder) for s in seeds] for m in methods})
+    # The pixels do not depend on the seed: one evaluation. The random encoder is drawn with
+    # each seed (config.seed of the evaluation), as the methods' initial weights are.
+    encoders = {
+        "raw pixels": [Encoder("pixels", "pixels")],
+        "random init": [Encoder(run_name("random", s), "random", s) for s in seeds],
+    }
+    encoders.update(
+        {m: [Encoder(run_name(m, s), runs[m, s][-1].encoder) for s in seeds] for m in methods}
+    )
     planned = {
         (config_path(r.method), os.path.join(args.workdir, r.name)): r.overrides
         for method_runs in runs.values()
         for r in method_runs
     }
     for evaluated in encoders.values():
-        for short, init in evaluated:
-            eval_dir = os.path.join(args.workdir, f"eval_{short}")
-            planned[(EVAL_CONFIG, eval_dir)] = evaluation_overrides(init, args)
+        for encoder in evaluated:
+            eval_dir = os.path.join(args.workdir, f"eval_{encoder.name}")
+            planned[(EVAL_CONFIG, eval_dir)] = evaluation_overrides(encoder, args)
     refuse_other_configs(planned, args.workdir)
     for method_runs in runs.values():
         name = method_runs[-1].name
@@ -615,7 +635,7 @@ def main() -> None:
         wall[method] = float(np.mean([seconds for _, seconds in per_seed]))
 
     results = {
-        name: seed_mean([evaluate(short, init, args.workdir, args) for short, init in evaluated])
+        name: seed_mean([evaluate(encoder, args.workdir, args) for encoder in evaluated])
         for name, evaluated in encoders.items()
     }
     pixels_knn = results["raw pixels"].get("knn_top1")

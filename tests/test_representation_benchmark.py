@@ -284,9 +284,23 @@ def test_seeds_run_beside_the_first_and_the_table_shows_their_mean(benchmark_run
         by_seed = [seed["knn_top1_per_class"] for seed in row["per_seed"]]
         expected = [None if None in pair else sum(pair) / 2 for pair in zip(*by_seed)]
         assert row["knn_top1_per_class"] == pytest.approx(expected)
-    # The baselines do not depend on the seed: one evaluation, one number, no range.
+    # The pixels do not depend on the seed: one evaluation, one number, no range.
     pixels_row = next(line for line in table.splitlines() if line.startswith("| raw pixels |"))
     assert "(" not in pixels_row
+    # The random encoder is drawn with each seed: seed 0's evaluation is reused, seed 1's
+    # runs with config.seed=1 (other weights, other numbers), and the row is their mean.
+    assert "[random] evaluating:" not in out.stdout
+    assert "[random_seed1] evaluating:" in out.stdout
+    random_results = []
+    for folder in ("random", "random_seed1"):
+        with open(os.path.join(copy, f"eval_{folder}", "config.json")) as f:
+            assert json.load(f)["seed"] == (folder == "random_seed1")
+        with open(os.path.join(copy, f"eval_{folder}", "eval_results.json")) as f:
+            random_results.append(json.load(f))
+    assert random_results[0] != random_results[1]
+    assert summary["results"]["random init"]["knn_top1"] == pytest.approx(
+        (random_results[0]["knn_top1"] + random_results[1]["knn_top1"]) / 2
+    )
     # Another seed is another run: other weights, data order and masks, another loss.
     losses = {}
     for folder in ("mae", "mae_seed1"):
