@@ -61,7 +61,7 @@ def test_the_demo_config_is_valid(small_fashion_mnist):
         ("input.blur_sigma", (0.1,), "config.input.blur_sigma=(0.1,) must be two numbers"),
         ("mesh.fsdp", 3, "config.mesh="),
         ("eval.feature", "max", "config.eval.feature='max' is not one of cls, mean, cls+mean"),
-        ("model.contrastive_pooling", "cls", "config.model.contrastive_pooling='cls' is not one"),
+        ("model.contrastive_pooling", "max", "config.model.contrastive_pooling='max' is not one"),
         ("logical_axis_rules", (("embed", "model"),), "names mesh axis 'model'"),
     ],
 )

@@ -644,6 +644,38 @@ def test_cmae_cell_pooling_feeds_the_projector_cell_means(pooling):
     np.testing.assert_allclose(out["online_pred"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_cmae_cls_pooling_contrasts_the_cls_positions():
+    # contrastive_pooling 'cls': the target branch projects the target encoder's pre-norm cls
+    # token, the online branch the feature decoder's output at the cls position; the pixel
+    # decoder still returns the N patches alone.
+    model = CMAE(**TINY, contrastive_pooling="cls")
+    images, ids_keep, ids_mask = _cmae_inputs(size=16, keep=4)
+    variables = _init(model, 21, images, ids_keep, ids_mask, train=False)
+    params = nn.meta.unbox(variables["params"])
+    assert model.contrastive_width() == 16 and model.contrastive_rows() == 1
+
+    enc = vit.Encoder(16, 2, 2, 32, 4)
+    prenorm = _apply(enc, {"params": params["encoder"]}, images).prenorm
+    head = {"params": params["projector"], "batch_stats": variables["batch_stats"]["projector"]}
+    expected = _apply(MLPHead(12, 6), head, prenorm[:, 0], False)
+    target = _apply(model, variables, images, False, method=CMAE.target_projection)
+    np.testing.assert_allclose(target, expected, rtol=1e-5, atol=1e-6)
+
+    latents = _apply(enc, {"params": params["encoder"]}, images, ids_keep).tokens
+    decoder = Decoder(out_dim=16, width=8, depth=1, num_heads=2, mlp_dim=32, keep_cls=True)
+    tokens = _apply(
+        decoder, {"params": params["feature_decoder"]}, latents, ids_keep, ids_mask, (4, 4)
+    )
+    assert tokens.shape == (4, 1 + 16, 16)
+    projection = _apply(MLPHead(12, 6), head, tokens[:, 0], False)
+    stats = variables["batch_stats"]["predictor"]
+    predictor = {"params": params["predictor"], "batch_stats": stats}
+    expected = _apply(MLPHead(12, 6, in_axis="proj"), predictor, projection, False)
+    out = _apply(model, variables, images, ids_keep, ids_mask, train=False)
+    np.testing.assert_allclose(out["online_pred"], expected, rtol=1e-5, atol=1e-6)
+    assert out["pixel_pred"].shape == (4, 16, 4 * 4 * 1)
+
+
 def test_cmae_bf16_and_plain_mae(cmae_variables):
     images, ids_keep, ids_mask = _cmae_inputs()
     model = CMAE(**{**TINY, "encoder_spec": replace(TINY_ENCODER, dtype=jnp.bfloat16)})

@@ -20,13 +20,17 @@ from cmae_jax.models.heads import MLPHead
 from cmae_jax.models.vit import GRID_CELLS, cell_means
 
 # What the contrastive branch pools its tokens into before the projector: 'mean' over the
-# patches (the paper's); 'grid', their means over the 2 x 2 cells of the patch grid,
-# concatenated (the `grid` evaluation read), so the InfoNCE also sees where things are;
-# 'cells', each cell's mean a query of its own (rows image-major), whose positive is the
-# same cell of the target view and whose negatives are every other cell of the batch.
+# patches (the paper's); 'cls', the cls position alone (the feature decoder's cls output
+# against the target encoder's cls token: the token the papers' evaluations read, which
+# the paper's pooling never trains directly); 'grid', the patches' means over the 2 x 2
+# cells of the patch grid, concatenated (the `grid` evaluation read), so the InfoNCE also
+# sees where things are; 'cells', each cell's mean a query of its own (rows image-major),
+# whose positive is the same cell of the target view and whose negatives are every other
+# cell of the batch.
 # Each pooling's (InfoNCE rows per image, encoder widths per row).
 _POOLED_SHAPES = {
     "mean": (1, 1),
+    "cls": (1, 1),
     "grid": (1, GRID_CELLS * GRID_CELLS),
     "cells": (GRID_CELLS * GRID_CELLS, 1),
 }
@@ -73,6 +77,7 @@ class CMAE(nn.Module):
                 dtype=spec.dtype,
                 remat=spec.remat,
                 scan_layers=spec.scan_layers,
+                keep_cls=True,
             )
             # The heads run in float32 whatever `dtype` is: they are tiny, and BatchNorm and the
             # InfoNCE logits (temperature 0.07) are sensitive to bf16 rounding.
@@ -83,8 +88,11 @@ class CMAE(nn.Module):
         patch = self.encoder_spec.patch_size
         return images.shape[1] // patch, images.shape[2] // patch
 
-    def _pool(self, patches: jax.Array, grid: tuple[int, int]) -> jax.Array:
-        """[B, N, D] patch tokens -> the contrastive branch's float32 representation."""
+    def _pool(self, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        """[B, 1 + N, D] tokens (cls first) -> the contrastive branch's float32 representation."""
+        if self.contrastive_pooling == "cls":
+            return tokens[:, 0].astype(jnp.float32)
+        patches = tokens[:, 1:]
         if self.contrastive_pooling == "grid":
             return cell_means(patches, grid)
         if self.contrastive_pooling == "cells":
@@ -117,13 +125,13 @@ class CMAE(nn.Module):
         }
         if self.contrastive:
             feats = self.feature_decoder(latents, ids_keep, ids_mask, grid)
-            online_repr = self._pool(feats, grid)  # all N positions
+            online_repr = self._pool(feats, grid)  # cls and all N positions
             projection = self.projector(online_repr, train)
             out["online_pred"] = self.predictor(projection, train)
         return out
 
     def target_projection(self, images: jax.Array, train: bool) -> jax.Array:
-        """Target branch: whole view, pre-norm patch features pooled as the online branch's
+        """Target branch: whole view, pre-norm tokens pooled as the online branch's
         (`contrastive_pooling`), projector.
 
         Needs only params {'encoder', 'projector'} (and the projector's batch_stats).
@@ -131,7 +139,7 @@ class CMAE(nn.Module):
         if not self.contrastive:
             raise ValueError("target_projection needs a contrastive CMAE (contrastive=True).")
         prenorm = self.encoder(images, None).prenorm
-        pooled = self._pool(prenorm[:, 1:], self._grid(images))  # exclude cls
+        pooled = self._pool(prenorm, self._grid(images))
         return self.projector(pooled, train)
 
 
@@ -147,7 +155,8 @@ def build_model(model_cfg: Any, input_cfg: Any, contrastive: bool | None = None)
     if pooling not in CONTRASTIVE_POOLINGS:
         raise ValueError(
             f"config.model.contrastive_pooling={pooling!r} is not one of "
-            f"{CONTRASTIVE_POOLINGS}: 'mean' pools the patch tokens (the paper's), 'grid' "
+            f"{CONTRASTIVE_POOLINGS}: 'mean' pools the patch tokens (the paper's), 'cls' "
+            "takes the cls position, 'grid' "
             f"concatenates their means over {GRID_CELLS} x {GRID_CELLS} cells of the patch grid, "
             "'cells' contrasts each cell's mean on its own."
         )

@@ -32,7 +32,8 @@ def restore_order(
 
 
 class Decoder(nn.Module):
-    """Transformer decoder over all N grid positions; returns [B, N, out_dim] (cls dropped).
+    """Transformer decoder over all N grid positions; returns [B, N, out_dim] (cls dropped
+    unless `keep_cls`).
 
     Params: embed (Dense from the encoder width), mask_token, block_i, norm, pred.
     """
@@ -45,6 +46,7 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool | str = "none"  # remat policy of the blocks (vit.REMAT_POLICIES)
     scan_layers: bool = False
+    keep_cls: bool = False  # return [B, 1 + N, out_dim], the cls position first
 
     @nn.compact
     def __call__(
@@ -83,4 +85,4 @@ class Decoder(nn.Module):
         )
         x = vit.layer_norm(self.dtype, "norm")(x)
         x = vit.dense(self.out_dim, ("embed", None), self.dtype, "pred")(x)
-        return x[:, 1:]
+        return x if self.keep_cls else x[:, 1:]
