@@ -230,7 +230,7 @@ def test_pooled_grid_and_tokens_match_torch_adaptive_pooling(height, width):
     rows, cols = height // 4, width // 4
     assert out.grid == (rows, cols)
     pooled = out.pooled()
-    patches = np.asarray(out.tokens[:, 1:])  # [B, rows * cols, 16]
+    patches = np.array(out.tokens[:, 1:])  # [B, rows * cols, 16], a writable copy for torch
     token_map = torch.from_numpy(patches.reshape(3, rows, cols, 16)).permute(0, 3, 1, 2)
     cells = torch.nn.functional.adaptive_avg_pool2d(token_map, (2, 2))  # [B, 16, 2, 2]
     expected = cells.permute(0, 2, 3, 1).reshape(3, 4 * 16).numpy()
