@@ -393,6 +393,10 @@ class Encoder:
     init: str
     seed: int = 0
 
+    def eval_dir(self, workdir: str) -> str:
+        """The evaluation's workdir."""
+        return os.path.join(workdir, f"eval_{self.name}")
+
 
 def evaluation_overrides(encoder: Encoder, args: argparse.Namespace) -> dict[str, str]:
     """The evaluation command's overrides for one encoder."""
@@ -406,13 +410,12 @@ def evaluation_overrides(encoder: Encoder, args: argparse.Namespace) -> dict[str
 
 def evaluate(encoder: Encoder, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
     """The evaluation command's results for one encoder (run unless already there)."""
-    name = encoder.name
-    eval_dir = os.path.join(workdir, f"eval_{name}")
+    eval_dir = encoder.eval_dir(workdir)
     results_path = os.path.join(eval_dir, "eval_results.json")
     command = main_command(EVAL_CONFIG, eval_dir, evaluation_overrides(encoder, args))
     if read_json(results_path) is None:
-        print(f"[{name}] evaluating: {' '.join(command)}", flush=True)
-        run_command(command, os.path.join(workdir, f"eval_{name}.log"), minutes=0)
+        print(f"[{encoder.name}] evaluating: {' '.join(command)}", flush=True)
+        run_command(command, f"{eval_dir}.log", minutes=0)
     return dict(read_json(results_path), command=" ".join(command[1:]))
 
 
@@ -616,8 +619,9 @@ def main() -> None:
     }
     for evaluated in encoders.values():
         for encoder in evaluated:
-            eval_dir = os.path.join(args.workdir, f"eval_{encoder.name}")
-            planned[(EVAL_CONFIG, eval_dir)] = evaluation_overrides(encoder, args)
+            planned[(EVAL_CONFIG, encoder.eval_dir(args.workdir))] = evaluation_overrides(
+                encoder, args
+            )
     refuse_other_configs(planned, args.workdir)
     for method_runs in runs.values():
         name = method_runs[-1].name

@@ -292,9 +292,9 @@ def test_seeds_run_beside_the_first_and_the_table_shows_their_mean(benchmark_run
     assert "[random] evaluating:" not in out.stdout
     assert "[random_seed1] evaluating:" in out.stdout
     random_results = []
-    for folder in ("random", "random_seed1"):
+    for folder, seed in (("random", 0), ("random_seed1", 1)):
         with open(os.path.join(copy, f"eval_{folder}", "config.json")) as f:
-            assert json.load(f)["seed"] == (folder == "random_seed1")
+            assert json.load(f)["seed"] == seed
         with open(os.path.join(copy, f"eval_{folder}", "eval_results.json")) as f:
             random_results.append(json.load(f))
     assert random_results[0] != random_results[1]
