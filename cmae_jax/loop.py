@@ -463,7 +463,12 @@ class Profile:
         """train_step(state, next batch) as training step `step`, the batch's fetch
         included, traced when due."""
         if self.steps and step == self.first:
-            jax.profiler.start_trace(self.folder)
+            # Without the Python tracer: stopping it walks every Python thread while orbax's
+            # async-checkpoint threads come and go, and once (CI, 2026-12-06) stop_trace
+            # segfaulted there. The host and device traces and the step annotations stay.
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = 0
+            jax.profiler.start_trace(self.folder, profiler_options=options)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             out = train_step(state, next(batches))
         if self.steps and step == self.last:
