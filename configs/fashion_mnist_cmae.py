@@ -3,14 +3,12 @@ r"""CMAE on real Fashion-MNIST with a CPU-sized ViT: the embedded default demo.
 Command (after `pip install -r requirements.txt -e .` and Debian's dataset-fashion-mnist):
   python -m cmae_jax.main --config=configs/fashion_mnist_cmae.py --workdir=workdirs/fmnist_cmae
 
-Hardware: 2 CPU cores are enough. Measured on 2026-12-02, alone on 2 idle cores whose XLA
-float32 matmul reaches 416-452 GFLOP/s (scale by your machine's rate: `python
-benchmarks/train_step.py` prints it): 5 min 55 s in all, ending with the line
-`k-NN top-1: 80.93%` (README "What the demo measures"). A machine at half that rate (the
-earlier sessions', 214-230 GFLOP/s) took 13 min 38 s for the same step; on 2026-12-03
-fresh clones on a machine at 121-211 GFLOP/s took 7 min 30 s to 16 min 37 s by the hour
-(five runs) and printed 81.22% every time; on 2026-12-04 a fresh clone on another machine
-(167-205 GFLOP/s) took 8 min 41 s and printed 80.93%.
+Hardware: 2 CPU cores are enough. Latest measurement, 2026-12-06, a fresh clone on 2 idle
+cores whose XLA float32 matmul reaches 282 GFLOP/s (scale by your machine's rate: `python
+benchmarks/train_step.py` prints it): 5 min 48 s in all, ending with the line
+`k-NN top-1: 81.22%` (80.93% on some CPUs: another float summation order). Every run since
+2026-12-04 took 5 min 48 s to 8 min 41 s (machines at 167-290 GFLOP/s); a machine at 121-152
+took 7 min 30 s to 21 min 10 s (docs/measurements.md lists each run).
 
 Departures from the ImageNet recipe, all for size and for a 5-epoch run:
   * native 28 px images in 7 px patches (a 4x4 grid of 16 tokens) and a 32 px master crop
