@@ -156,6 +156,9 @@ def test_folder_batches_equal_in_memory_batches(tmp_path):
         np.stack(images)[order], np.asarray(labels, np.int32)[order], "memory"
     )
     config = folder_config(tmp_path, global_batch_size=4)
+    # Both per example, so that the comparison is bit for bit; the batched views of the
+    # in-memory source are checked against these in tests/test_batched_views.py.
+    config.input.batched_views = False
     folder = sources.make_source(config.dataset, "train")
     from_files = take(pipeline.train_dataset(config, folder, start_step=0), 3)
     from_memory = take(pipeline.train_dataset(config, memory, start_step=0), 3)

@@ -21,13 +21,26 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from cmae_jax.data import masking, views
+from cmae_jax.data import batched_views, masking, views
 
 # Sub-seed tags of an example's seed.
 VIEWS, MASK = 0, 1
 
 # (example seed, image height, image width) -> the box [y, x, h, w] to read.
 CropBox = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchedViews:
+    """The same columns made a batch at a time (cmae_jax.data.batched_views).
+
+    draws    (whole uint8 image [H, W, C], example seed) -> {name: tensor}: the image
+             and the example's random decisions, drawn from the streams `columns` uses
+    columns  (those, batched: [B, ...] each) -> {column: [B, ...]}
+    """
+
+    draws: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]
+    columns: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +51,14 @@ class ExampleViews:
     crop_box  what to read: None for the whole image, else a box cut while decoding
               (fused for JPEG: only the pixels of the crop are decoded)
     name      for error messages (the view function's name)
+    batched   the same views a batch at a time, for sources whose images share one shape
+              (Source.image_shape); None: always per example
     """
 
     columns: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]
     crop_box: CropBox | None = None
     name: str = "view function"
+    batched: BatchedViews | None = None
 
 
 def view_seed(seed: tf.Tensor) -> tf.Tensor:
@@ -79,11 +95,54 @@ def masked_views(config: Any) -> ExampleViews:
         out = {"online": normalize(online, inp.mean, inp.std)}
         if with_target:
             out["target"] = normalize(target, inp.mean, inp.std)
-        mask_seed = tf.random.experimental.stateless_fold_in(seed, MASK)
-        out["ids_keep"], out["ids_mask"] = masking.sample_mask(mask_seed, grid, inp)
+        out["ids_keep"], out["ids_mask"] = _mask(seed)
         return out
 
-    return ExampleViews(columns, crop_box, name="masked_views")
+    def _mask(seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        mask_seed = tf.random.experimental.stateless_fold_in(seed, MASK)
+        return masking.sample_mask(mask_seed, grid, inp)
+
+    def draws(image: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        height, width, channels = image.shape
+        seed_of_views = view_seed(seed)
+        out = {
+            "image": image,
+            "box": crop_box(seed, height, width),
+            "flip": views.draw_flip(seed_of_views, inp),
+        }
+        if with_target:
+            out["offset"] = views.draw_shift(seed_of_views, inp.shift)
+            target = views.target_augment_params(
+                views.color_seed(seed_of_views), inp, inp.image_size, channels
+            )
+            out.update({f"target_{name}": value for name, value in target.items()})
+        out["ids_keep"], out["ids_mask"] = _mask(seed)
+        return out
+
+    def batch_columns(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        images = tf.cast(batch["image"], tf.float32) / 255.0
+        _, height, width, _ = images.shape
+        size = inp.image_size
+        side = views.master_size(inp) if with_target else size
+        rows, cols = batched_views.master_weights(batch["box"], batch["flip"], side, height, width)
+        online = batched_views.resample(images, rows[:, :size], cols[:, :size])
+        out = {"online": normalize(online, inp.mean, inp.std)}
+        if with_target:
+            offset = batch["offset"]
+            target = batched_views.resample(
+                images,
+                batched_views.take_rows(rows, offset[:, 0], size),
+                batched_views.take_rows(cols, offset[:, 1], size),
+            )
+            params = {k.removeprefix("target_"): v for k, v in batch.items() if "target_" in k}
+            target = batched_views.target_augment(target, params, inp)
+            out["target"] = normalize(target, inp.mean, inp.std)
+        out["ids_keep"], out["ids_mask"] = batch["ids_keep"], batch["ids_mask"]
+        return out
+
+    return ExampleViews(
+        columns, crop_box, name="masked_views", batched=BatchedViews(draws, batch_columns)
+    )
 
 
 def two_crop_views(config: Any) -> ExampleViews:
@@ -97,7 +156,44 @@ def two_crop_views(config: Any) -> ExampleViews:
             "view2": normalize(second, inp.mean, inp.std),
         }
 
-    return ExampleViews(columns, name="two_crop_views")
+    aug_cfg = inp.view_augment if inp.get("views") == "two_crops_aug" else None
+    size = inp.image_size
+
+    def draws(image: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        height, width, channels = image.shape
+        out = {"image": image}
+        for view, seed_of_view in enumerate(views.two_crop_seeds(view_seed(seed))):
+            out[f"box{view}"] = views.master_crop_box(seed_of_view, height, width, inp)
+            out[f"flip{view}"] = views.draw_flip(seed_of_view, inp)
+            if aug_cfg is not None:
+                colour = views.color_seed(seed_of_view)
+                per_view = views.two_view_config(aug_cfg, view)
+                params = views.target_augment_params(colour, per_view, size, channels)
+                out.update({f"aug{view}_{name}": value for name, value in params.items()})
+                out[f"solarize{view}"] = views.draw_solarize(colour, aug_cfg.solarize_prob[view])
+        return out
+
+    def batch_columns(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        images = tf.cast(batch["image"], tf.float32) / 255.0
+        _, height, width, _ = images.shape
+        out = {}
+        for view in range(2):
+            rows, cols = batched_views.master_weights(
+                batch[f"box{view}"], batch[f"flip{view}"], size, height, width
+            )
+            crop = batched_views.resample(images, rows, cols)
+            if aug_cfg is not None:
+                prefix = f"aug{view}_"
+                params = {k.removeprefix(prefix): v for k, v in batch.items() if prefix in k}
+                crop = batched_views.target_augment(
+                    crop, params, views.two_view_config(aug_cfg, view)
+                )
+                solarized = batch[f"solarize{view}"][:, None, None, None]
+                crop = tf.where(solarized, views.solarize(crop), crop)
+            out[f"view{view + 1}"] = normalize(crop, inp.mean, inp.std)
+        return out
+
+    return ExampleViews(columns, name="two_crop_views", batched=BatchedViews(draws, batch_columns))
 
 
 def from_view_fn(view_fn: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]) -> ExampleViews:

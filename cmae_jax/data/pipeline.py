@@ -10,10 +10,13 @@ global batch. Each epoch drops the N mod B examples that its permutation puts la
 
 Stages: position -> (index, seed) -> read + decode only the master crop (fused for JPEG,
 parallel, `parallel_reads` in flight) -> views + mask (parallel map, AUTOTUNE) -> batch ->
-prefetch, all with deterministic order. There is no file-level interleave: examples are
-read by index (one file each for ImageFolder, random access into ArrayRecord for TFDS),
-which is what makes the order, the sharding and the resume independent of files; the
-parallel, ordered reads play its part.
+prefetch, all with deterministic order. Where the images share one shape in memory
+(Fashion-MNIST; `batches_views`), the map draws each example's random decisions only and
+the image ops run on whole batches after `batch` (cmae_jax.data.batched_views): the same
+views up to float rounding, at half the per-example cost. There is no file-level
+interleave: examples are read by index (one file each for ImageFolder, random access into
+ArrayRecord for TFDS), which is what makes the order, the sharding and the resume
+independent of files; the parallel, ordered reads play its part.
 
 Bad input: on file and record sources a lookup that fails (corrupt, truncated, unreadable
 file) does not stop the stream. The example is replaced by the first readable of the next
@@ -287,17 +290,60 @@ def train_dataset(
             "corrupt": el["corrupt"],
         }
 
+    def batch(ds: tf.data.Dataset) -> tf.data.Dataset:
+        return ds.batch(
+            local_batch,
+            drop_remainder=True,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+
     ds = tf.data.Dataset.counter(start=start_step * local_batch, dtype=tf.int64)
     ds = ds.map(locate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = _fetch_all(ds, source, fetch, inp)
-    ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if batches_views(inp, source, views):
+        # The same draws per example; the image ops once per batch (batched_views).
+        @tf.autograph.experimental.do_not_convert
+        def draws(el: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return {
+                **views.batched.draws(el["image"], el["seed"]),
+                "label": tf.cast(el["label"], tf.int32),
+                "index": tf.cast(el["index"], tf.int32),
+                "corrupt": el["corrupt"],
+            }
+
+        @tf.autograph.experimental.do_not_convert
+        def batch_views(el: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            keep = {k: el[k] for k in ("label", "index", "corrupt")}
+            return {**views.batched.columns(el), **keep}
+
+        ds = _fetch_all(ds, source, lambda el, index: source.tf_lookup(index), inp)
+        ds = batch(ds.map(draws, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+        ds = ds.map(batch_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        example_spec = {k: tf.TensorSpec(v.shape[1:], v.dtype) for k, v in ds.element_spec.items()}
+    else:
+        ds = _fetch_all(ds, source, fetch, inp)
+        ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        example_spec = ds.element_spec
+        ds = batch(ds)
     if spec is not None:
-        _check_columns(ds.element_spec, spec, views.name)
-    ds = ds.batch(
-        local_batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
+        _check_columns(example_spec, spec, views.name)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(inp))
+
+
+def batches_views(input_cfg: Any, source: Source, views: example_views.ExampleViews) -> bool:
+    """Whether the train stream makes its views a batch at a time (batched_views).
+
+    It does where the view function has a batched form, the source's images share one
+    shape (Source.image_shape: in-memory splits such as Fashion-MNIST) and
+    config.input.batched_views is on: the same random draws, the same views up to float
+    rounding, a fraction of the per-example cost.
+    """
+    return (
+        input_cfg.get("batched_views", True)
+        and views.batched is not None
+        and getattr(source, "image_shape", None) is not None
+    )
 
 
 def _check_columns(element_spec: dict[str, tf.TensorSpec], batch_spec: dict, name: str) -> None:

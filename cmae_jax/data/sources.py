@@ -99,6 +99,9 @@ class Source(Protocol):
     # True when lookups read files or records that may be corrupt, so they can fail at run
     # time; the pipeline then guards every lookup (and replaces failed examples).
     fallible: bool
+    # (H, W, C) when every image of the split has that shape and the split is one array in
+    # memory: the pipeline then makes the views a batch at a time (batched_views); else None.
+    image_shape: tuple[int, int, int] | None
 
     @property
     def num_examples(self) -> int: ...
@@ -186,6 +189,11 @@ class InMemorySource:
         """Number of image channels."""
         return int(self.images.shape[-1])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image."""
+        return tuple(int(d) for d in self.images.shape[1:])
+
     @functools.cached_property
     def _tensors(self) -> tuple[tf.Tensor, tf.Tensor]:
         # init_scope: create eager tensors even when first touched while tf.data traces a
@@ -222,6 +230,7 @@ class SyntheticSource:
     channels: int = 3
     name: str = "synthetic"
     fallible = False
+    image_shape = None  # it computes only the crop's pixels: views per example
 
     def _pattern(self, index: tf.Tensor, box: tf.Tensor) -> dict[str, tf.Tensor]:
         # Only the pixels of the box are computed, so the cost does not grow with H x W.
@@ -255,6 +264,7 @@ class ImageFolderSource:
     """
 
     fallible = True
+    image_shape = None  # views are made per example
     channels = 3
 
     def __init__(
@@ -304,6 +314,7 @@ class TfdsArrayRecordSource:
     """A TFDS split stored as ArrayRecord, read record by record (see module docstring)."""
 
     fallible = True
+    image_shape = None  # views are made per example
 
     def __init__(
         self,

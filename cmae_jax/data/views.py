@@ -124,47 +124,76 @@ def _grayscale(image: tf.Tensor) -> tf.Tensor:
     return tf.image.rgb_to_grayscale(image)
 
 
-def _brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+# The jitter ops take one image [H, W, C] and a scalar factor, or a batch [B, H, W, C]
+# and factors [B, 1, 1, 1] (cmae_jax.data.batched_views).
+
+
+def brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """torchvision's brightness: the image times `factor`, clipped."""
     return tf.clip_by_value(image * factor, 0.0, 1.0)
 
 
-def _contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """torchvision's contrast: blended with the image's mean grey level by `factor`."""
     grey = _grayscale(image) if image.shape[-1] == 3 else image
-    mean = tf.reduce_mean(grey)
+    mean = tf.reduce_mean(grey, axis=[-3, -2, -1], keepdims=True)
     return tf.clip_by_value(mean + factor * (image - mean), 0.0, 1.0)
 
 
-def _saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+def saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """torchvision's saturation: blended with the grey image by `factor`."""
     grey = _grayscale(image)
     return tf.clip_by_value(grey + factor * (image - grey), 0.0, 1.0)
 
 
-def _hue(image: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
-    return tf.clip_by_value(tf.image.adjust_hue(image, delta), 0.0, 1.0)
+def _hue(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    # `factor` is the hue delta (a turn of the colour circle is 1).
+    return tf.clip_by_value(tf.image.adjust_hue(image, factor), 0.0, 1.0)
 
 
-def _color_jitter(image: tf.Tensor, seed: tf.Tensor, jitter_cfg: Any) -> tf.Tensor:
-    colour = image.shape[-1] == 3
+def jitter_ops(cfg_jitter: Any, channels: int) -> tuple[bool, bool, bool, bool]:
+    """Which of brightness, contrast, saturation, hue run: strength > 0, colour ops on RGB only.
+
+    An op left out is skipped, not run as an identity: that keeps such images bit-exact.
+    """
+    colour = channels == 3
+    return (
+        bool(cfg_jitter.brightness),
+        bool(cfg_jitter.contrast),
+        bool(cfg_jitter.saturation) and colour,
+        bool(cfg_jitter.hue) and colour,
+    )
+
+
+def _jitter_factors(seed: tf.Tensor, jitter_cfg: Any) -> tf.Tensor:
+    """Brightness, contrast, saturation factors and the hue delta, float32 [4]."""
     factors_seed = _fold(seed, _JITTER_FACTORS)
 
     def factor(i: int, strength: float) -> tf.Tensor:
         return _uniform(_fold(factors_seed, i), [], max(0.0, 1.0 - strength), 1.0 + strength)
 
-    # An op with strength 0 (or a colour op on one channel) is skipped, not run as an
-    # identity: that keeps such images bit-exact.
-    b, c, s, h = jitter_cfg.brightness, jitter_cfg.contrast, jitter_cfg.saturation, jitter_cfg.hue
-    ops = [
-        functools.partial(_brightness, factor=factor(0, b)) if b else None,
-        functools.partial(_contrast, factor=factor(1, c)) if c else None,
-        functools.partial(_saturation, factor=factor(2, s)) if s and colour else None,
-        functools.partial(_hue, delta=_uniform(_fold(factors_seed, 3), [], -h, h))
-        if h and colour
-        else None,
-    ]
-    if all(op is None for op in ops):
+    h = jitter_cfg.hue
+    return tf.stack(
+        [
+            factor(0, jitter_cfg.brightness),
+            factor(1, jitter_cfg.contrast),
+            factor(2, jitter_cfg.saturation),
+            _uniform(_fold(factors_seed, 3), [], -h, h),
+        ]
+    )
+
+
+def _color_jitter(
+    image: tf.Tensor, factors: tf.Tensor, order: tf.Tensor, jitter_cfg: Any
+) -> tf.Tensor:
+    enabled = jitter_ops(jitter_cfg, image.shape[-1])
+    if not any(enabled):
         return image
+    ops = [
+        functools.partial(op, factor=factors[i]) if on else None
+        for i, (op, on) in enumerate(zip((brightness, contrast, saturation, _hue), enabled))
+    ]
     # torchvision applies the four ops in a random order per call.
-    order = tf.cast(tf.argsort(_uniform(_fold(seed, _JITTER_ORDER), [4])), tf.int32)
     for position in range(4):
         current = image
         branches = [
@@ -180,12 +209,22 @@ def blur_kernel_size(image_size: int) -> int:
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
-def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
-    """Separable Gaussian blur of an [H, W, C] float image with reflect padding."""
+def gaussian_kernel(sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
+    """The normalised 1-D Gaussian of `kernel_size` taps (odd) for a scalar sigma."""
     radius = kernel_size // 2
     x = tf.range(-radius, radius + 1, dtype=tf.float32)
     kernel = tf.exp(-(x**2) / (2.0 * tf.cast(sigma, tf.float32) ** 2))
-    kernel /= tf.reduce_sum(kernel)
+    return kernel / tf.reduce_sum(kernel)
+
+
+def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
+    """Separable Gaussian blur of an [H, W, C] float image with reflect padding."""
+    return blur(image, gaussian_kernel(sigma, kernel_size))
+
+
+def blur(image: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """Separable blur of an [H, W, C] image by a 1-D kernel of odd length, reflect padding."""
+    radius = kernel.shape[0] // 2
     channels = image.shape[-1]
     padded = tf.pad(
         image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT"
@@ -197,43 +236,87 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Te
     return out[0]
 
 
+def target_augment_params(
+    seed: tf.Tensor, cfg: Any, size: int, channels: int
+) -> dict[str, tf.Tensor]:
+    """The random decisions of `target_augment` for a [size, size, channels] view.
+
+    Each decision draws from its own sub-stream of `seed`; an op the config turns off
+    draws nothing and gets a constant (no jitter, no blur, ...).
+    """
+    jitter = cfg.color_jitter
+    on_jitter = jitter.prob > 0 and any(jitter_ops(jitter, channels))
+    gray_prob = cfg.get("grayscale_prob", 0.2) if channels == 3 else 0.0
+    blur_prob = cfg.get("blur_prob", 0.5)
+    erase_prob = cfg.get("erase_prob", 0.0)
+    no = tf.constant(False)
+
+    def applies(tag: int, prob: float) -> tf.Tensor:
+        return _uniform(_fold(seed, tag), []) < prob if prob > 0 else no
+
+    low, high = cfg.get("blur_sigma", (0.1, 2.0))
+    if erase_prob > 0:
+        erase_box = tf.stack(
+            random_erase_box(
+                _fold(seed, _ERASE_BOX), size, size, tuple(cfg.erase_scale), tuple(cfg.erase_ratio)
+            )
+        )
+    else:
+        erase_box = tf.zeros([4], tf.int32)
+    return {
+        "jitter": applies(_JITTER_APPLY, jitter.prob) if on_jitter else no,
+        "jitter_factors": _jitter_factors(seed, jitter) if on_jitter else tf.ones([4]),
+        "jitter_order": tf.cast(tf.argsort(_uniform(_fold(seed, _JITTER_ORDER), [4])), tf.int32)
+        if on_jitter
+        else tf.range(4, dtype=tf.int32),
+        "grayscale": applies(_GRAY, gray_prob),
+        "blur": applies(_BLUR_APPLY, blur_prob),
+        # The kernel itself: exp on a few values per example gives the same bits as the
+        # per-example blur, where a batch's vectorised exp would round some taps otherwise.
+        "blur_kernel": gaussian_kernel(
+            _uniform(_fold(seed, _BLUR_SIGMA), [], low, high), blur_kernel_size(size)
+        )
+        if blur_prob > 0
+        else tf.ones([blur_kernel_size(size)]),
+        "erase": applies(_ERASE_APPLY, erase_prob),
+        "erase_box": erase_box,
+    }
+
+
+def erase_fill(cfg: Any, channels: int) -> tuple[float, ...]:
+    """Random erasing's fill: the dataset mean, its channels' average on a grey view.
+
+    torchvision erases after Normalize with value 0, i.e. with the dataset mean; the views
+    here are not normalised yet, so the box gets the mean itself. A grey image that a
+    colour encoder will see repeated gets the channels' average.
+    """
+    fill = tuple(cfg.mean)
+    if len(fill) != channels:
+        fill = (sum(fill) / len(fill),) * channels
+    return fill
+
+
 def target_augment(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tf.Tensor:
     """Colour jitter, grayscale, blur and erasing of the target view (CMAE/BYOL), [0, 1] floats."""
+    size, _, channels = image.shape
+    params = target_augment_params(seed, cfg, size, channels)
     jitter = cfg.color_jitter
-    if jitter.prob > 0:
+    if jitter.prob > 0 and any(jitter_ops(jitter, channels)):
         image = tf.cond(
-            _uniform(_fold(seed, _JITTER_APPLY), []) < jitter.prob,
-            lambda: _color_jitter(image, seed, jitter),
+            params["jitter"],
+            lambda: _color_jitter(image, params["jitter_factors"], params["jitter_order"], jitter),
             lambda: image,
         )
-    gray_prob = cfg.get("grayscale_prob", 0.2)
-    if gray_prob > 0 and image.shape[-1] == 3:
+    if channels == 3 and cfg.get("grayscale_prob", 0.2) > 0:
         image = tf.cond(
-            _uniform(_fold(seed, _GRAY), []) < gray_prob,
-            lambda: tf.tile(_grayscale(image), [1, 1, 3]),
-            lambda: image,
+            params["grayscale"], lambda: tf.tile(_grayscale(image), [1, 1, 3]), lambda: image
         )
-    blur_prob = cfg.get("blur_prob", 0.5)
-    if blur_prob > 0:
-        low, high = cfg.get("blur_sigma", (0.1, 2.0))
-        sigma = _uniform(_fold(seed, _BLUR_SIGMA), [], low, high)
-        kernel_size = blur_kernel_size(image.shape[0])
+    if cfg.get("blur_prob", 0.5) > 0:
+        image = tf.cond(params["blur"], lambda: blur(image, params["blur_kernel"]), lambda: image)
+    if cfg.get("erase_prob", 0.0) > 0:
         image = tf.cond(
-            _uniform(_fold(seed, _BLUR_APPLY), []) < blur_prob,
-            lambda: gaussian_blur(image, sigma, kernel_size),
-            lambda: image,
-        )
-    erase_prob = cfg.get("erase_prob", 0.0)
-    if erase_prob > 0:
-        image = tf.cond(
-            _uniform(_fold(seed, _ERASE_APPLY), []) < erase_prob,
-            lambda: random_erase(
-                image,
-                _fold(seed, _ERASE_BOX),
-                tuple(cfg.erase_scale),
-                tuple(cfg.erase_ratio),
-                tuple(cfg.mean),
-            ),
+            params["erase"],
+            lambda: erase_box(image, params["erase_box"], erase_fill(cfg, channels)),
             lambda: image,
         )
     return image
@@ -260,25 +343,12 @@ def random_erase_box(
     return y, x, h_box, w_box
 
 
-def random_erase(
-    image: tf.Tensor,
-    seed: tf.Tensor,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    fill: tuple[float, ...],
-) -> tf.Tensor:
-    """Fills one random box of an [H, W, C] [0, 1] image with `fill` (RandomErasing).
-
-    torchvision erases after Normalize with value 0, i.e. with the dataset mean; the views
-    here are not normalised yet, so the box gets the mean itself. A grey image that a
-    colour encoder will see repeated gets the channels' average.
-    """
+def erase_box(image: tf.Tensor, box: tf.Tensor, fill: tuple[float, ...]) -> tf.Tensor:
+    """Fills the box [y, x, h, w] of an [H, W, C] image with `fill` (one value per channel)."""
     height, width, channels = image.shape
-    if len(fill) != channels:
-        fill = (sum(fill) / len(fill),) * channels
-    y, x, h, w = random_erase_box(seed, height, width, scale, ratio)
     rows = tf.range(height)[:, None]
     cols = tf.range(width)[None, :]
+    y, x, h, w = box[0], box[1], box[2], box[3]
     inside = (rows >= y) & (rows < y + h) & (cols >= x) & (cols < x + w)
     fill_value = tf.broadcast_to(tf.constant(fill, tf.float32), [channels])
     return tf.where(inside[:, :, None], fill_value, image)
@@ -307,6 +377,27 @@ def master_size(cfg: Any) -> int:
     return cfg.get("master_size") or cfg.image_size + cfg.shift + 1
 
 
+def color_seed(seed: tf.Tensor) -> tf.Tensor:
+    """The sub-seed of the target view's colour ops (target_augment_params)."""
+    return _fold(seed, _COLOR)
+
+
+def draw_flip(seed: tf.Tensor, cfg: Any) -> tf.Tensor:
+    """Whether the master crop is flipped left-right (bool; False when cfg.flip is off)."""
+    if not cfg.flip:
+        return tf.constant(False)
+    return _uniform(_fold(seed, _FLIP), []) < 0.5
+
+
+def draw_shift(seed: tf.Tensor, shift: int) -> tf.Tensor:
+    """The target view's offset (dy, dx) in the master, each uniform in [0, shift], int32."""
+    if shift <= 0:
+        return tf.zeros([2], tf.int32)
+    return tf.random.stateless_uniform(
+        [2], seed=_fold(seed, _SHIFT), minval=0, maxval=shift + 1, dtype=tf.int32
+    )
+
+
 def views_from_crop(
     crop: tf.Tensor, seed: tf.Tensor, cfg: Any, *, with_target: bool = True
 ) -> tuple[tf.Tensor, tf.Tensor | None, dict[str, tf.Tensor]]:
@@ -320,23 +411,16 @@ def views_from_crop(
     channels = crop.shape[-1]
     side = master_size(cfg) if with_target else size
     master = _resize(_to_float(crop), (side, side))
+    flip = draw_flip(seed, cfg)
     if cfg.flip:
-        flip = _uniform(_fold(seed, _FLIP), []) < 0.5
         master = tf.cond(flip, lambda: tf.reverse(master, axis=[1]), lambda: master)
-    else:
-        flip = tf.constant(False)
     online = master[:size, :size]
-    if shift > 0:
-        offset = tf.random.stateless_uniform(
-            [2], seed=_fold(seed, _SHIFT), minval=0, maxval=shift + 1, dtype=tf.int32
-        )
-    else:
-        offset = tf.zeros([2], tf.int32)
+    offset = draw_shift(seed, shift)
     params = {"flip": flip, "dy": offset[0], "dx": offset[1], "master": master}
     if not with_target:
         return online, None, params
     target = tf.slice(master, tf.stack([offset[0], offset[1], 0]), [size, size, channels])
-    target = target_augment(target, _fold(seed, _COLOR), cfg)
+    target = target_augment(target, color_seed(seed), cfg)
     return online, target, params
 
 
@@ -397,9 +481,9 @@ def solarize(image: tf.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> tf.Tens
     return tf.where(image < threshold, image, 1.0 - image)
 
 
-def two_view_augment(image: tf.Tensor, seed: tf.Tensor, aug_cfg: Any, view: int) -> tf.Tensor:
-    """BYOL colour ops of MAE-CT's view `view` (0 or 1); probabilities per view in `aug_cfg`."""
-    per_view = ml_collections.ConfigDict(
+def two_view_config(aug_cfg: Any, view: int) -> ml_collections.ConfigDict:
+    """The target_augment settings of MAE-CT's view `view` (0 or 1) of the "_aug" views."""
+    return ml_collections.ConfigDict(
         dict(
             color_jitter=aug_cfg.color_jitter,
             grayscale_prob=aug_cfg.grayscale_prob,
@@ -407,25 +491,34 @@ def two_view_augment(image: tf.Tensor, seed: tf.Tensor, aug_cfg: Any, view: int)
             blur_sigma=tuple(aug_cfg.blur_sigma),
         )
     )
-    image = target_augment(image, seed, per_view)
+
+
+def draw_solarize(seed: tf.Tensor, prob: float) -> tf.Tensor:
+    """Whether a view is solarized (bool), drawn from its colour seed."""
+    return _uniform(_fold(seed, _SOLARIZE_APPLY), []) < prob if prob > 0 else tf.constant(False)
+
+
+def two_view_augment(image: tf.Tensor, seed: tf.Tensor, aug_cfg: Any, view: int) -> tf.Tensor:
+    """BYOL colour ops of MAE-CT's view `view` (0 or 1); probabilities per view in `aug_cfg`."""
+    image = target_augment(image, seed, two_view_config(aug_cfg, view))
     solarize_prob = aug_cfg.solarize_prob[view]
     if solarize_prob > 0:
-        image = tf.cond(
-            _uniform(_fold(seed, _SOLARIZE_APPLY), []) < solarize_prob,
-            lambda: solarize(image),
-            lambda: image,
-        )
+        image = tf.cond(draw_solarize(seed, solarize_prob), lambda: solarize(image), lambda: image)
     return image
+
+
+def two_crop_seeds(seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The sub-seeds of MAE-CT's two views (each as `online_view`'s seed)."""
+    return _fold(seed, _TWO_VIEW_TAGS[0]), _fold(seed, _TWO_VIEW_TAGS[1])
 
 
 def two_crop_views(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tuple[tf.Tensor, tf.Tensor]:
     """MAE-CT's two views of one whole uint8 image, float32 [S, S, C] in [0, 1] each."""
     aug_cfg = cfg.view_augment if cfg.get("views") == "two_crops_aug" else None
     out = []
-    for view, tag in enumerate(_TWO_VIEW_TAGS):
-        view_seed = _fold(seed, tag)
+    for view, view_seed in enumerate(two_crop_seeds(seed)):
         crop = online_view(image, view_seed, cfg)
         if aug_cfg is not None:
-            crop = two_view_augment(crop, _fold(view_seed, _COLOR), aug_cfg, view)
+            crop = two_view_augment(crop, color_seed(view_seed), aug_cfg, view)
         out.append(crop)
     return out[0], out[1]
