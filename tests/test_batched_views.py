@@ -1,8 +1,10 @@
 """The batched views (cmae_jax.data.batched_views) against the per-example views.
 
-The two paths share every random draw, so for the same examples and seeds they must give
-the same views up to float rounding; the resize weights are checked against
-tf.image.resize itself, up- and downsampling.
+Both paths draw with the same functions: drawn for one example (num=1) from its seed, the
+batched draws are that example's per-example draws, and then the batched image ops must
+give its per-example views up to float rounding. Drawn for a whole batch from one seed,
+they must have the per-example draws' distribution. The resize weights are checked
+against tf.image.resize itself, up- and downsampling.
 """
 
 import ml_collections
@@ -32,9 +34,9 @@ def per_example_and_batched(view_fn, image_batch, seed_list):
         if view_fn.crop_box is not None:  # what the source cuts while decoding
             as_read = views.crop_image(image, view_fn.crop_box(seed, *image.shape[:2]))
         per_example.append(view_fn.columns(as_read, seed))
-        draws.append(view_fn.batched.draws(image, seed))
-    stacked = {k: tf.stack([d[k] for d in draws]) for k in draws[0]}
-    batched = view_fn.batched.columns(stacked)
+        draws.append(view_fn.batched.draws(seed, 1, tuple(image.shape)))
+    stacked = {k: tf.concat([d[k] for d in draws], 0) for k in draws[0]}
+    batched = view_fn.batched.columns({**stacked, "image": tf.constant(image_batch)})
     expected = {k: np.stack([c[k].numpy() for c in per_example]) for k in per_example[0]}
     return expected, {k: v.numpy() for k, v in batched.items()}, stacked
 
@@ -143,17 +145,82 @@ def test_pipeline_batches_views_only_for_one_shape_in_memory():
     assert not pipeline.batches_views(config.input, synthetic_source(), evaluation)
 
 
-@pytest.mark.parametrize("target_view", [True, False])
-def test_pipeline_batched_stream_equals_per_example_stream(target_view):
-    config = make_config(channels=1, target_view=target_view)
-    source = synthetic_source()
-    batched = take(pipeline.train_dataset(config, source, start_step=5), 3)
+def draw_statistics(draws):
+    """Summaries of a set of draws whose per-example and batched values must agree."""
+    box = draws["box"].numpy().astype(np.float64)
+    kept = np.zeros((box.shape[0], 16))
+    np.put_along_axis(kept, draws["ids_keep"].numpy(), 1.0, axis=1)
+    return {
+        "box area": box[:, 2] * box[:, 3] / (23 * 31),
+        "box log aspect": np.log(box[:, 3] / box[:, 2]),
+        "box top": box[:, 0],
+        "flip": draws["flip"].numpy(),
+        "shift": draws["offset"].numpy().ravel(),
+        "jitter": draws["target_jitter"].numpy(),
+        "brightness": draws["target_jitter_factors"].numpy()[:, 0],
+        "first op": draws["target_jitter_order"].numpy()[:, 0],
+        "blur": draws["target_blur"].numpy(),
+        "erase": draws["target_erase"].numpy(),
+        "erase height": draws["target_erase_box"].numpy()[:, 2],
+        "patch 0 kept": kept[:, 0],
+        "patch 15 kept": kept[:, 15],
+    }
+
+
+def test_batched_draws_have_the_per_example_distribution():
+    config = colour_config()
+    view_fn = example_views.masked_views(config)
+    shape = (23, 31, 3)
+    num = 2048
+    batched = view_fn.batched.draws(tf.constant([5, 6], tf.int64), num, shape)
+    one = tf.function(lambda seed: view_fn.batched.draws(seed, 1, shape))
+    singles = [one(seed) for seed in seeds(num)]
+    per_example = {k: tf.concat([d[k] for d in singles], 0) for k in singles[0]}
+    for key, value in batched.items():
+        assert value.shape == per_example[key].shape, key
+    stats_batched, stats_single = draw_statistics(batched), draw_statistics(per_example)
+    for name in stats_batched:
+        a, b = stats_batched[name].astype(np.float64), stats_single[name].astype(np.float64)
+        # The two means differ by at most 5 standard errors of their difference.
+        error = np.sqrt((a.var() + b.var()) / num)
+        assert abs(a.mean() - b.mean()) <= 5 * error + 1e-9, (name, a.mean(), b.mean())
+    # Each row is an example of its own: no two boxes and masks repeat across the batch.
+    rows = {
+        tuple(b) + tuple(k) for b, k in zip(batched["box"].numpy(), batched["ids_keep"].numpy())
+    }
+    assert len(rows) > 0.9 * num
+    # Every box lies in the image, inside torchvision's scale and ratio ranges.
+    y, x, h, w = batched["box"].numpy().T
+    assert (y >= 0).all() and (x >= 0).all() and (y + h <= 23).all() and (x + w <= 31).all()
+    area = h * w / (23 * 31)
+    assert area.min() >= 0.2 * 0.9 and area.max() <= 1.0
+
+
+def test_pipeline_batched_stream_draws_once_per_global_batch():
+    # The same local rows whatever the number of processes (each draws the global batch),
+    # every index once per epoch, and the same images as the per-example stream's order.
+    config = make_config(channels=1)
+    source = synthetic_source()  # 64 examples, batch 16
+    batched = take(pipeline.train_dataset(config, source, start_step=0), 4)
+    halves = [
+        take(
+            pipeline.train_dataset(config, source, start_step=0, process_index=p, process_count=2),
+            4,
+        )
+        for p in range(2)
+    ]
+    for step, batch in enumerate(batched):
+        for key in batch:
+            joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key], err_msg=key)
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([b["index"] for b in batched])), np.arange(64)
+    )
     config.input.batched_views = False
-    per_example = take(pipeline.train_dataset(config, source, start_step=5), 3)
+    per_example = take(pipeline.train_dataset(config, source, start_step=0), 4)
     for got, expected in zip(batched, per_example, strict=True):
         assert set(got) == set(expected)
-        for key in expected:
-            if expected[key].dtype == np.float32:
-                np.testing.assert_allclose(got[key], expected[key], atol=2e-5, err_msg=key)
-            else:
-                np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+        for key in ("index", "label", "corrupt"):
+            np.testing.assert_array_equal(got[key], expected[key])
+        for key in ("online", "target", "ids_keep", "ids_mask"):
+            assert got[key].shape == expected[key].shape and got[key].dtype == expected[key].dtype

@@ -32,14 +32,15 @@ CropBox = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 
 @dataclasses.dataclass(frozen=True)
 class BatchedViews:
-    """The same columns made a batch at a time (cmae_jax.data.batched_views).
+    """The same views made a batch at a time (cmae_jax.data.batched_views).
 
-    draws    (whole uint8 image [H, W, C], example seed) -> {name: tensor}: the image
-             and the example's random decisions, drawn from the streams `columns` uses
-    columns  (those, batched: [B, ...] each) -> {column: [B, ...]}
+    draws    (seed, num, image shape (H, W, C)) -> {name: [num, ...]}: the random decisions
+             of `num` examples, drawn from one seed by the per-example draw functions; with
+             num=1 and an example's seed they are that example's per-example decisions
+    columns  (those draws plus 'image', the uint8 images [num, H, W, C]) -> {column: [num, ...]}
     """
 
-    draws: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]
+    draws: Callable[[tf.Tensor, int, tuple[int, int, int]], dict[str, tf.Tensor]]
     columns: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
 
 
@@ -98,25 +99,24 @@ def masked_views(config: Any) -> ExampleViews:
         out["ids_keep"], out["ids_mask"] = _mask(seed)
         return out
 
-    def _mask(seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _mask(seed: tf.Tensor, num: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         mask_seed = tf.random.experimental.stateless_fold_in(seed, MASK)
-        return masking.sample_mask(mask_seed, grid, inp)
+        return masking.sample_mask(mask_seed, grid, inp, num)
 
-    def draws(image: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        height, width, channels = image.shape
+    def draws(seed: tf.Tensor, num: int, image_shape: tuple[int, int, int]) -> dict[str, tf.Tensor]:
+        height, width, channels = image_shape
         seed_of_views = view_seed(seed)
         out = {
-            "image": image,
-            "box": crop_box(seed, height, width),
-            "flip": views.draw_flip(seed_of_views, inp),
+            "box": views.master_crop_box(seed_of_views, height, width, inp, num),
+            "flip": views.draw_flip(seed_of_views, inp, num),
         }
         if with_target:
-            out["offset"] = views.draw_shift(seed_of_views, inp.shift)
+            out["offset"] = views.draw_shift(seed_of_views, inp.shift, num)
             target = views.target_augment_params(
-                views.color_seed(seed_of_views), inp, inp.image_size, channels
+                views.color_seed(seed_of_views), inp, inp.image_size, channels, num
             )
             out.update({f"target_{name}": value for name, value in target.items()})
-        out["ids_keep"], out["ids_mask"] = _mask(seed)
+        out["ids_keep"], out["ids_mask"] = _mask(seed, num)
         return out
 
     def batch_columns(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -159,18 +159,19 @@ def two_crop_views(config: Any) -> ExampleViews:
     aug_cfg = inp.view_augment if inp.get("views") == "two_crops_aug" else None
     size = inp.image_size
 
-    def draws(image: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        height, width, channels = image.shape
-        out = {"image": image}
+    def draws(seed: tf.Tensor, num: int, image_shape: tuple[int, int, int]) -> dict[str, tf.Tensor]:
+        height, width, channels = image_shape
+        out = {}
         for view, seed_of_view in enumerate(views.two_crop_seeds(view_seed(seed))):
-            out[f"box{view}"] = views.master_crop_box(seed_of_view, height, width, inp)
-            out[f"flip{view}"] = views.draw_flip(seed_of_view, inp)
+            out[f"box{view}"] = views.master_crop_box(seed_of_view, height, width, inp, num)
+            out[f"flip{view}"] = views.draw_flip(seed_of_view, inp, num)
             if aug_cfg is not None:
                 colour = views.color_seed(seed_of_view)
                 per_view = views.two_view_config(aug_cfg, view)
-                params = views.target_augment_params(colour, per_view, size, channels)
+                params = views.target_augment_params(colour, per_view, size, channels, num)
                 out.update({f"aug{view}_{name}": value for name, value in params.items()})
-                out[f"solarize{view}"] = views.draw_solarize(colour, aug_cfg.solarize_prob[view])
+                prob = aug_cfg.solarize_prob[view]
+                out[f"solarize{view}"] = views.draw_solarize(colour, prob, num)
         return out
 
     def batch_columns(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -28,47 +28,59 @@ __all__ = ["block_mask", "mask_counts", "random_mask", "sample_mask"]
 def _split_kept(kept: tf.Tensor, num_keep: int) -> tuple[tf.Tensor, tf.Tensor]:
     # A stable sort on "is masked" lists the kept indices first, each group in ascending
     # order, with static output lengths (tf.where would have a dynamic one).
-    order = tf.argsort(tf.cast(tf.logical_not(kept), tf.int32), stable=True)
+    order = tf.argsort(tf.cast(tf.logical_not(kept), tf.int32), axis=-1, stable=True)
     order = tf.cast(order, tf.int32)
-    return order[:num_keep], order[num_keep:]
+    return order[..., :num_keep], order[..., num_keep:]
+
+
+def _lowest(seed: tf.Tensor, size: int, count: int, num: int | None) -> tf.Tensor:
+    """Which of `size` items get the `count` lowest uniform noise values (bool [..., size])."""
+    shape = [size] if num is None else [num, size]
+    noise = tf.random.stateless_uniform(shape, seed=seed)
+    # The rank of each item in the noise order: the inverse of the sorting permutation.
+    rank = tf.argsort(tf.argsort(noise, axis=-1), axis=-1)
+    return rank < count
 
 
 def random_mask(
-    seed: tf.Tensor, num_patches: int, mask_ratio: float
+    seed: tf.Tensor, num_patches: int, mask_ratio: float, num: int | None = None
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """MAE random masking: keep int(N * (1 - ratio)) patches chosen by uniform noise."""
+    """MAE random masking: keep int(N * (1 - ratio)) patches chosen by uniform noise.
+
+    One example's ids, or [num, K] and [num, M] for `num` examples from one stream.
+    """
     num_keep = mask_sizes.num_keep(num_patches, mask_ratio, "patches")
-    noise = tf.random.stateless_uniform([num_patches], seed=seed)
-    ids_shuffle = tf.argsort(noise)
-    kept = tf.scatter_nd(ids_shuffle[:num_keep, None], tf.ones([num_keep], tf.bool), [num_patches])
-    return _split_kept(kept, num_keep)
+    return _split_kept(_lowest(seed, num_patches, num_keep, num), num_keep)
 
 
 def block_mask(
-    seed: tf.Tensor, grid_h: int, grid_w: int, block: int, mask_ratio: float
+    seed: tf.Tensor,
+    grid_h: int,
+    grid_w: int,
+    block: int,
+    mask_ratio: float,
+    num: int | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """CMAE block masking: keep int(C * (1 - ratio)) whole block x block cells at random."""
     mask_sizes.check_block(grid_h, grid_w, block)
     cells_h, cells_w = grid_h // block, grid_w // block
     num_cells = cells_h * cells_w
     keep_cells = mask_sizes.num_keep(num_cells, mask_ratio, "cells")
-    noise = tf.random.stateless_uniform([num_cells], seed=seed)
-    cell_kept = tf.scatter_nd(
-        tf.argsort(noise)[:keep_cells, None], tf.ones([keep_cells], tf.bool), [num_cells]
-    )
+    cell_kept = _lowest(seed, num_cells, keep_cells, num)
     rows = tf.range(grid_h)[:, None] // block
     cols = tf.range(grid_w)[None, :] // block
     cell_of_patch = tf.reshape(rows * cells_w + cols, [-1])
-    kept = tf.gather(cell_kept, cell_of_patch)
+    kept = tf.gather(cell_kept, cell_of_patch, axis=-1)
     return _split_kept(kept, keep_cells * block * block)
 
 
 def sample_mask(
-    seed: tf.Tensor, grid: int | tuple[int, int], input_cfg: Any
+    seed: tf.Tensor, grid: int | tuple[int, int], input_cfg: Any, num: int | None = None
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Draws the mask selected by `config.input.mask_type` for one example."""
+    """Draws the mask selected by `config.input.mask_type` for one example (or `num`)."""
     grid_h, grid_w = mask_sizes.grid_hw(grid)
     mask_counts((grid_h, grid_w), input_cfg)  # validates type, ratio and block
     if input_cfg.mask_type == "random":
-        return random_mask(seed, grid_h * grid_w, input_cfg.mask_ratio)
-    return block_mask(seed, grid_h, grid_w, input_cfg.get("mask_block", 2), input_cfg.mask_ratio)
+        return random_mask(seed, grid_h * grid_w, input_cfg.mask_ratio, num)
+    block = input_cfg.get("mask_block", 2)
+    return block_mask(seed, grid_h, grid_w, block, input_cfg.mask_ratio, num)

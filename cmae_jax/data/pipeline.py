@@ -42,8 +42,9 @@ from cmae_jax.data import example_views, views
 from cmae_jax.data.example_views import normalize
 from cmae_jax.data.sources import Source
 
-# Sub-seed tags: shuffling and augmentation draw from separate streams of config.seed.
-_SHUFFLE, _AUGMENT = 0, 1
+# Sub-seed tags: shuffling and augmentation (per example; per global batch where the
+# views are batched) draw from separate streams of config.seed.
+_SHUFFLE, _AUGMENT, _BATCH_AUGMENT = 0, 1, 2
 
 # A corrupt example is replaced by the first readable of the next SUBSTITUTE_TRIES - 1
 # indices (wrapping around); if none is, by a black image.
@@ -253,21 +254,23 @@ def train_dataset(
     epoch_size = epoch_steps * global_batch
     row_offset = process_index * local_batch
 
+    def index_in_epoch(in_epoch: tf.Tensor, epoch: tf.Tensor) -> tf.Tensor:
+        """The dataset index at these positions (scalar or vector) of this epoch's order."""
+        if not shuffle:
+            return in_epoch
+        return tf.random.experimental.index_shuffle(
+            in_epoch,
+            tf.random.experimental.stateless_fold_in(shuffle_root, epoch),
+            tf.constant(num_examples - 1, tf.int64),
+        )
+
     # Plain Python control flow on config values only: no AutoGraph conversion needed.
     @tf.autograph.experimental.do_not_convert
     def locate(local_row: tf.Tensor) -> dict[str, tf.Tensor]:
         step = local_row // local_batch
         position = step * global_batch + row_offset + local_row % local_batch
         epoch = position // epoch_size
-        in_epoch = position % epoch_size
-        if shuffle:
-            index = tf.random.experimental.index_shuffle(
-                in_epoch,
-                tf.random.experimental.stateless_fold_in(shuffle_root, epoch),
-                tf.constant(num_examples - 1, tf.int64),
-            )
-        else:
-            index = in_epoch
+        index = index_in_epoch(position % epoch_size, epoch)
         seed = tf.random.experimental.stateless_fold_in(
             tf.random.experimental.stateless_fold_in(augment_root, epoch), index
         )
@@ -290,41 +293,48 @@ def train_dataset(
             "corrupt": el["corrupt"],
         }
 
-    def batch(ds: tf.data.Dataset) -> tf.data.Dataset:
-        return ds.batch(
+    if batches_views(inp, source, views):
+        # One element per local batch: the global batch's indices and random decisions
+        # drawn at once (so every process draws the same), this process's rows kept, the
+        # image ops on the whole batch (batched_views). Nothing runs per example.
+        batch_root = tf.random.experimental.stateless_fold_in(root, _BATCH_AUGMENT)
+        image_shape = source.image_shape
+
+        @tf.autograph.experimental.do_not_convert
+        def make_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
+            positions = step * global_batch + tf.range(global_batch, dtype=tf.int64)
+            epoch = step // epoch_steps  # a global batch never spans two epochs
+            index = index_in_epoch(positions % epoch_size, epoch)
+            seed = tf.random.experimental.stateless_fold_in(
+                tf.random.experimental.stateless_fold_in(batch_root, epoch), step
+            )
+            rows = slice(row_offset, row_offset + local_batch)
+            draws = {
+                k: v[rows] for k, v in views.batched.draws(seed, global_batch, image_shape).items()
+            }
+            item = source.tf_lookup(index[rows])
+            return {
+                **views.batched.columns({**draws, "image": item["image"]}),
+                "label": tf.cast(item["label"], tf.int32),
+                "index": tf.cast(index[rows], tf.int32),
+                "corrupt": tf.zeros([local_batch], tf.bool),
+            }
+
+        ds = tf.data.Dataset.counter(start=start_step, dtype=tf.int64)
+        ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        example_spec = {k: tf.TensorSpec(v.shape[1:], v.dtype) for k, v in ds.element_spec.items()}
+    else:
+        ds = tf.data.Dataset.counter(start=start_step * local_batch, dtype=tf.int64)
+        ds = ds.map(locate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = _fetch_all(ds, source, fetch, inp)
+        ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        example_spec = ds.element_spec
+        ds = ds.batch(
             local_batch,
             drop_remainder=True,
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-
-    ds = tf.data.Dataset.counter(start=start_step * local_batch, dtype=tf.int64)
-    ds = ds.map(locate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if batches_views(inp, source, views):
-        # The same draws per example; the image ops once per batch (batched_views).
-        @tf.autograph.experimental.do_not_convert
-        def draws(el: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            return {
-                **views.batched.draws(el["image"], el["seed"]),
-                "label": tf.cast(el["label"], tf.int32),
-                "index": tf.cast(el["index"], tf.int32),
-                "corrupt": el["corrupt"],
-            }
-
-        @tf.autograph.experimental.do_not_convert
-        def batch_views(el: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            keep = {k: el[k] for k in ("label", "index", "corrupt")}
-            return {**views.batched.columns(el), **keep}
-
-        ds = _fetch_all(ds, source, lambda el, index: source.tf_lookup(index), inp)
-        ds = batch(ds.map(draws, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
-        ds = ds.map(batch_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        example_spec = {k: tf.TensorSpec(v.shape[1:], v.dtype) for k, v in ds.element_spec.items()}
-    else:
-        ds = _fetch_all(ds, source, fetch, inp)
-        ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        example_spec = ds.element_spec
-        ds = batch(ds)
     if spec is not None:
         _check_columns(example_spec, spec, views.name)
     ds = ds.prefetch(tf.data.AUTOTUNE)

@@ -55,22 +55,45 @@ def _uniform(seed: tf.Tensor, shape: list[int], low: float = 0.0, high: float = 
     return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
 
 
+def _examples(num: int | None) -> list[int]:
+    """The leading shape of a draw: [] for one example, [num] for `num` examples at once.
+
+    Draws for `num` examples take the values of one example's draw, then the next's, from
+    the same stream; so num=1 gives one example's values exactly, with a leading axis.
+    """
+    return [] if num is None else [num]
+
+
 def _candidate_sides(
-    seed: tf.Tensor, area: tf.Tensor, scale: tuple[float, float], ratio: tuple[float, float], n: int
+    seed: tf.Tensor,
+    area: tf.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    n: int,
+    num: int | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """torchvision's n tries at once: sides round(sqrt(a * r)), round(sqrt(a / r)) (int32)."""
-    target_area = area * _uniform(_fold(seed, 0), [n], scale[0], scale[1])
-    aspect = tf.exp(_uniform(_fold(seed, 1), [n], math.log(ratio[0]), math.log(ratio[1])))
+    shape = [*_examples(num), n]
+    target_area = area * _uniform(_fold(seed, 0), shape, scale[0], scale[1])
+    aspect = tf.exp(_uniform(_fold(seed, 1), shape, math.log(ratio[0]), math.log(ratio[1])))
     along = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
     across = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
     return along, across
 
 
-def _randint_inclusive(seed: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
+def _randint_inclusive(seed: tf.Tensor, high: tf.Tensor, num: int | None = None) -> tf.Tensor:
     """torch.randint(0, high + 1): a uniform integer in [0, high] (0 when high < 0)."""
-    u = _uniform(seed, [])
+    u = _uniform(seed, _examples(num))
     drawn = tf.cast(tf.floor(u * tf.cast(high + 1, tf.float32)), tf.int32)
     return tf.minimum(drawn, tf.maximum(high, 0))
+
+
+def _first_try(ok: tf.Tensor, h: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The sides of the first valid try (along the last axis), and whether there is one."""
+    first = tf.argmax(tf.cast(ok, tf.int32), axis=-1, output_type=tf.int32)
+    batch_dims = ok.shape.rank - 1
+    pick = lambda sides: tf.gather(sides, first, axis=-1, batch_dims=batch_dims)
+    return pick(h), pick(w), tf.reduce_any(ok, axis=-1)
 
 
 def random_resized_crop_box(
@@ -80,19 +103,22 @@ def random_resized_crop_box(
     scale: tuple[float, float],
     ratio: tuple[float, float],
     num_tries: int = 10,
+    num: int | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Samples a crop box (y, x, h, w) as torchvision RandomResizedCrop.get_params."""
+    """Samples a crop box (y, x, h, w) as torchvision RandomResizedCrop.get_params.
+
+    Scalars, or [num] vectors for `num` images of this size at once (see _examples).
+    """
     height = tf.cast(height, tf.int32)
     width = tf.cast(width, tf.int32)
     height_f = tf.cast(height, tf.float32)
     width_f = tf.cast(width, tf.float32)
     # All tries drawn at once; the first valid one wins, exactly like torchvision's loop.
-    w, h = _candidate_sides(seed, height_f * width_f, scale, ratio, num_tries)
+    w, h = _candidate_sides(seed, height_f * width_f, scale, ratio, num_tries, num)
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
-    h_try, w_try = h[first], w[first]
-    y_try = _randint_inclusive(_fold(seed, 2), height - h_try)
-    x_try = _randint_inclusive(_fold(seed, 3), width - w_try)
+    h_try, w_try, any_ok = _first_try(ok, h, w)
+    y_try = _randint_inclusive(_fold(seed, 2), height - h_try, num)
+    x_try = _randint_inclusive(_fold(seed, 3), width - w_try, num)
 
     # Fallback: central crop with the aspect ratio clamped into `ratio`.
     in_ratio = width_f / height_f
@@ -101,7 +127,6 @@ def random_resized_crop_box(
     y_fb = (height - h_fb) // 2
     x_fb = (width - w_fb) // 2
 
-    any_ok = tf.reduce_any(ok)
     return (
         tf.where(any_ok, y_try, y_fb),
         tf.where(any_ok, x_try, x_fb),
@@ -165,12 +190,13 @@ def jitter_ops(cfg_jitter: Any, channels: int) -> tuple[bool, bool, bool, bool]:
     )
 
 
-def _jitter_factors(seed: tf.Tensor, jitter_cfg: Any) -> tf.Tensor:
-    """Brightness, contrast, saturation factors and the hue delta, float32 [4]."""
+def _jitter_factors(seed: tf.Tensor, jitter_cfg: Any, num: int | None = None) -> tf.Tensor:
+    """Brightness, contrast, saturation factors and the hue delta, float32 [..., 4]."""
     factors_seed = _fold(seed, _JITTER_FACTORS)
+    shape = _examples(num)
 
     def factor(i: int, strength: float) -> tf.Tensor:
-        return _uniform(_fold(factors_seed, i), [], max(0.0, 1.0 - strength), 1.0 + strength)
+        return _uniform(_fold(factors_seed, i), shape, max(0.0, 1.0 - strength), 1.0 + strength)
 
     h = jitter_cfg.hue
     return tf.stack(
@@ -178,8 +204,9 @@ def _jitter_factors(seed: tf.Tensor, jitter_cfg: Any) -> tf.Tensor:
             factor(0, jitter_cfg.brightness),
             factor(1, jitter_cfg.contrast),
             factor(2, jitter_cfg.saturation),
-            _uniform(_fold(factors_seed, 3), [], -h, h),
-        ]
+            _uniform(_fold(factors_seed, 3), shape, -h, h),
+        ],
+        axis=-1,
     )
 
 
@@ -210,11 +237,11 @@ def blur_kernel_size(image_size: int) -> int:
 
 
 def gaussian_kernel(sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
-    """The normalised 1-D Gaussian of `kernel_size` taps (odd) for a scalar sigma."""
+    """The normalised 1-D Gaussian of `kernel_size` taps (odd): [K] per sigma, [..., K]."""
     radius = kernel_size // 2
     x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    kernel = tf.exp(-(x**2) / (2.0 * tf.cast(sigma, tf.float32) ** 2))
-    return kernel / tf.reduce_sum(kernel)
+    kernel = tf.exp(-(x**2) / (2.0 * tf.cast(sigma, tf.float32)[..., None] ** 2))
+    return kernel / tf.reduce_sum(kernel, axis=-1, keepdims=True)
 
 
 def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
@@ -237,47 +264,53 @@ def blur(image: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
 
 
 def target_augment_params(
-    seed: tf.Tensor, cfg: Any, size: int, channels: int
+    seed: tf.Tensor, cfg: Any, size: int, channels: int, num: int | None = None
 ) -> dict[str, tf.Tensor]:
     """The random decisions of `target_augment` for a [size, size, channels] view.
 
     Each decision draws from its own sub-stream of `seed`; an op the config turns off
-    draws nothing and gets a constant (no jitter, no blur, ...).
+    draws nothing and gets a constant (no jitter, no blur, ...). With `num`, every value
+    gets a leading axis of `num` views (see _examples).
     """
     jitter = cfg.color_jitter
     on_jitter = jitter.prob > 0 and any(jitter_ops(jitter, channels))
     gray_prob = cfg.get("grayscale_prob", 0.2) if channels == 3 else 0.0
     blur_prob = cfg.get("blur_prob", 0.5)
     erase_prob = cfg.get("erase_prob", 0.0)
-    no = tf.constant(False)
+    shape = _examples(num)
+    no = tf.zeros(shape, tf.bool)
 
     def applies(tag: int, prob: float) -> tf.Tensor:
-        return _uniform(_fold(seed, tag), []) < prob if prob > 0 else no
+        return _uniform(_fold(seed, tag), shape) < prob if prob > 0 else no
 
     low, high = cfg.get("blur_sigma", (0.1, 2.0))
+    kernel_size = blur_kernel_size(size)
     if erase_prob > 0:
-        erase_box = tf.stack(
-            random_erase_box(
-                _fold(seed, _ERASE_BOX), size, size, tuple(cfg.erase_scale), tuple(cfg.erase_ratio)
-            )
+        box = random_erase_box(
+            _fold(seed, _ERASE_BOX),
+            size,
+            size,
+            tuple(cfg.erase_scale),
+            tuple(cfg.erase_ratio),
+            num=num,
         )
+        erase_box = tf.stack(box, axis=-1)
     else:
-        erase_box = tf.zeros([4], tf.int32)
+        erase_box = tf.zeros([*shape, 4], tf.int32)
+    order = _uniform(_fold(seed, _JITTER_ORDER), [*shape, 4]) if on_jitter else None
     return {
         "jitter": applies(_JITTER_APPLY, jitter.prob) if on_jitter else no,
-        "jitter_factors": _jitter_factors(seed, jitter) if on_jitter else tf.ones([4]),
-        "jitter_order": tf.cast(tf.argsort(_uniform(_fold(seed, _JITTER_ORDER), [4])), tf.int32)
+        "jitter_factors": _jitter_factors(seed, jitter, num) if on_jitter else tf.ones([*shape, 4]),
+        "jitter_order": tf.cast(tf.argsort(order, axis=-1), tf.int32)
         if on_jitter
-        else tf.range(4, dtype=tf.int32),
+        else tf.broadcast_to(tf.range(4, dtype=tf.int32), [*shape, 4]),
         "grayscale": applies(_GRAY, gray_prob),
         "blur": applies(_BLUR_APPLY, blur_prob),
-        # The kernel itself: exp on a few values per example gives the same bits as the
-        # per-example blur, where a batch's vectorised exp would round some taps otherwise.
         "blur_kernel": gaussian_kernel(
-            _uniform(_fold(seed, _BLUR_SIGMA), [], low, high), blur_kernel_size(size)
+            _uniform(_fold(seed, _BLUR_SIGMA), shape, low, high), kernel_size
         )
         if blur_prob > 0
-        else tf.ones([blur_kernel_size(size)]),
+        else tf.ones([*shape, kernel_size]),
         "erase": applies(_ERASE_APPLY, erase_prob),
         "erase_box": erase_box,
     }
@@ -329,17 +362,17 @@ def random_erase_box(
     scale: tuple[float, float],
     ratio: tuple[float, float],
     num_tries: int = 10,
+    num: int | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """A box (y, x, h, w) to erase, as torchvision RandomErasing.get_params; h = 0: none."""
-    h, w = _candidate_sides(seed, float(height * width), scale, ratio, num_tries)
+    h, w = _candidate_sides(seed, float(height * width), scale, ratio, num_tries, num)
     # torchvision's loop takes the first try that fits strictly inside, else erases nothing.
     ok = (h < height) & (w < width)
-    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
-    any_ok = tf.reduce_any(ok)
-    h_box = tf.where(any_ok, h[first], 0)
-    w_box = tf.where(any_ok, w[first], 0)
-    y = _randint_inclusive(_fold(seed, 2), height - h_box)
-    x = _randint_inclusive(_fold(seed, 3), width - w_box)
+    h_first, w_first, any_ok = _first_try(ok, h, w)
+    h_box = tf.where(any_ok, h_first, 0)
+    w_box = tf.where(any_ok, w_first, 0)
+    y = _randint_inclusive(_fold(seed, 2), height - h_box, num)
+    x = _randint_inclusive(_fold(seed, 3), width - w_box, num)
     return y, x, h_box, w_box
 
 
@@ -354,12 +387,15 @@ def erase_box(image: tf.Tensor, box: tf.Tensor, fill: tuple[float, ...]) -> tf.T
     return tf.where(inside[:, :, None], fill_value, image)
 
 
-def master_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, cfg: Any) -> tf.Tensor:
-    """The master RandomResizedCrop box [y, x, h, w] (int32) of an image of that size."""
+def master_crop_box(
+    seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, cfg: Any, num: int | None = None
+) -> tf.Tensor:
+    """The master RandomResizedCrop box [y, x, h, w] (int32) of an image of that size
+    ([num, 4] for `num` images of that size, see _examples)."""
     box = random_resized_crop_box(
-        _fold(seed, _CROP), height, width, tuple(cfg.crop_scale), tuple(cfg.crop_ratio)
+        _fold(seed, _CROP), height, width, tuple(cfg.crop_scale), tuple(cfg.crop_ratio), num=num
     )
-    return tf.stack(box)
+    return tf.stack(box, axis=-1)
 
 
 def crop_image(image: tf.Tensor, box: tf.Tensor) -> tf.Tensor:
@@ -382,19 +418,20 @@ def color_seed(seed: tf.Tensor) -> tf.Tensor:
     return _fold(seed, _COLOR)
 
 
-def draw_flip(seed: tf.Tensor, cfg: Any) -> tf.Tensor:
+def draw_flip(seed: tf.Tensor, cfg: Any, num: int | None = None) -> tf.Tensor:
     """Whether the master crop is flipped left-right (bool; False when cfg.flip is off)."""
     if not cfg.flip:
-        return tf.constant(False)
-    return _uniform(_fold(seed, _FLIP), []) < 0.5
+        return tf.zeros(_examples(num), tf.bool)
+    return _uniform(_fold(seed, _FLIP), _examples(num)) < 0.5
 
 
-def draw_shift(seed: tf.Tensor, shift: int) -> tf.Tensor:
+def draw_shift(seed: tf.Tensor, shift: int, num: int | None = None) -> tf.Tensor:
     """The target view's offset (dy, dx) in the master, each uniform in [0, shift], int32."""
+    shape = [*_examples(num), 2]
     if shift <= 0:
-        return tf.zeros([2], tf.int32)
+        return tf.zeros(shape, tf.int32)
     return tf.random.stateless_uniform(
-        [2], seed=_fold(seed, _SHIFT), minval=0, maxval=shift + 1, dtype=tf.int32
+        shape, seed=_fold(seed, _SHIFT), minval=0, maxval=shift + 1, dtype=tf.int32
     )
 
 
@@ -493,9 +530,11 @@ def two_view_config(aug_cfg: Any, view: int) -> ml_collections.ConfigDict:
     )
 
 
-def draw_solarize(seed: tf.Tensor, prob: float) -> tf.Tensor:
+def draw_solarize(seed: tf.Tensor, prob: float, num: int | None = None) -> tf.Tensor:
     """Whether a view is solarized (bool), drawn from its colour seed."""
-    return _uniform(_fold(seed, _SOLARIZE_APPLY), []) < prob if prob > 0 else tf.constant(False)
+    if prob <= 0:
+        return tf.zeros(_examples(num), tf.bool)
+    return _uniform(_fold(seed, _SOLARIZE_APPLY), _examples(num)) < prob
 
 
 def two_view_augment(image: tf.Tensor, seed: tf.Tensor, aug_cfg: Any, view: int) -> tf.Tensor:
