@@ -3,10 +3,11 @@
 The per-example path runs some forty small TensorFlow ops per view (crop, bicubic
 resize, flip, shift, jitter, blur); on 28 px images their launch overhead, not their
 arithmetic, is the input pipeline's cost, and on a 2-core machine that cost is taken from
-the train step. Here every random decision is still drawn per example, from the
-example's seed and the sub-streams the per-example path uses (views.draw_flip,
-views.draw_shift, views.target_augment_params, ...), so the views are the same views up
-to float rounding; only the image ops run once per batch:
+the train step. Here the random decisions come from the per-example draw functions
+(views.master_crop_box, views.draw_flip, views.draw_shift, views.target_augment_params,
+masking.sample_mask), called once for a whole batch (their `num` axis; the input pipeline
+draws per global batch); given one example's draws, the functions below give its
+per-example views up to float rounding. The image ops run once per batch:
 
   * crop + bicubic resize + flip + shift: the resize is separable, so the view is
     Wy @ image @ Wx^T per example, with Wy, Wx the interpolation weights of

@@ -10,13 +10,20 @@ global batch. Each epoch drops the N mod B examples that its permutation puts la
 
 Stages: position -> (index, seed) -> read + decode only the master crop (fused for JPEG,
 parallel, `parallel_reads` in flight) -> views + mask (parallel map, AUTOTUNE) -> batch ->
-prefetch, all with deterministic order. Where the images share one shape in memory
-(Fashion-MNIST; `batches_views`), the map draws each example's random decisions only and
-the image ops run on whole batches after `batch` (cmae_jax.data.batched_views): the same
-views up to float rounding, at half the per-example cost. There is no file-level
-interleave: examples are read by index (one file each for ImageFolder, random access into
-ArrayRecord for TFDS), which is what makes the order, the sharding and the resume
-independent of files; the parallel, ordered reads play its part.
+prefetch, all with deterministic order. There is no file-level interleave: examples are
+read by index (one file each for ImageFolder, random access into ArrayRecord for TFDS),
+which is what makes the order, the sharding and the resume independent of files; the
+parallel, ordered reads play its part.
+
+Batched views (`batches_views`: in-memory splits whose images share one shape, such as
+Fashion-MNIST): one element is a whole local batch. Its indices come from the same epoch
+order; its random decisions are drawn for the whole global batch at once, from one seed
+per global step, by the same draw functions (cmae_jax.data.views, with a leading axis of
+examples), and the image ops run on the batch (cmae_jax.data.batched_views). An example's
+views are then a function of (config.seed, epoch, step, row) instead of (config.seed,
+epoch, index): the same in every process and on resume, from the same distribution, and
+nothing runs per example (the per-example ops' launch costs were most of the demo's
+input time).
 
 Bad input: on file and record sources a lookup that fails (corrupt, truncated, unreadable
 file) does not stop the stream. The example is replaced by the first readable of the next
@@ -342,12 +349,11 @@ def train_dataset(
 
 
 def batches_views(input_cfg: Any, source: Source, views: example_views.ExampleViews) -> bool:
-    """Whether the train stream makes its views a batch at a time (batched_views).
+    """Whether the train stream makes its views a batch at a time (module docstring).
 
     It does where the view function has a batched form, the source's images share one
-    shape (Source.image_shape: in-memory splits such as Fashion-MNIST) and
-    config.input.batched_views is on: the same random draws, the same views up to float
-    rounding, a fraction of the per-example cost.
+    shape in memory (Source.image_shape: Fashion-MNIST, small TFDS splits) and
+    config.input.batched_views is on.
     """
     return (
         input_cfg.get("batched_views", True)

@@ -100,7 +100,8 @@ class Source(Protocol):
     # time; the pipeline then guards every lookup (and replaces failed examples).
     fallible: bool
     # (H, W, C) when every image of the split has that shape and the split is one array in
-    # memory: the pipeline then makes the views a batch at a time (batched_views); else None.
+    # memory (tf_lookup then also takes a vector of indices): the pipeline makes the views
+    # a batch at a time (pipeline.batches_views); else None.
     image_shape: tuple[int, int, int] | None
 
     @property
@@ -203,7 +204,8 @@ class InMemorySource:
             return tf.convert_to_tensor(self.images), tf.convert_to_tensor(self.labels)
 
     def tf_lookup(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Returns {'image': uint8 [H, W, C], 'label': int32 []} for a scalar index."""
+        """Returns {'image': uint8 [H, W, C], 'label': int32 []} for a scalar index
+        (a leading axis for a vector of indices)."""
         images, labels = self._tensors
         return {"image": tf.gather(images, index), "label": tf.gather(labels, index)}
 
