@@ -3,12 +3,14 @@ r"""CMAE on real Fashion-MNIST with a CPU-sized ViT: the embedded default demo.
 Command (after `pip install -r requirements.txt -e .` and Debian's dataset-fashion-mnist):
   python -m cmae_jax.main --config=configs/fashion_mnist_cmae.py --workdir=workdirs/fmnist_cmae
 
-Hardware: 2 CPU cores are enough. Measured on 2026-12-06, two fresh clones on 2 idle
-cores whose XLA float32 matmul reached 224-270 GFLOP/s (scale by your machine's rate:
-`python benchmarks/train_step.py` prints it): 5 min 40 s and 6 min 30 s in all, ending with the line
-`k-NN top-1: 81.22%` (80.93% on some CPUs: another float summation order). Every run since
-2026-12-04 took 5 min 40 s to 8 min 41 s (machines at 167-290 GFLOP/s); a machine at 121-211
-took 7 min 30 s to 21 min 10 s (docs/measurements.md lists each run).
+Hardware: 2 CPU cores are enough. Measured on 2026-12-06 at 16:27, a fresh clone on 2 idle
+cores whose XLA float32 matmul reached 273-301 GFLOP/s (scale by your machine's rate:
+`python benchmarks/train_step.py` prints it): 5 min 31 s in all, ending with the line
+`k-NN top-1: 81.58%`, the first run with the batched views (the input pipeline's default
+since that day: other random views from the same distribution). With the per-example views
+(--config.input.batched_views=False) it printed 81.22% (80.93% on some CPUs), and every run
+since 2026-12-04 took 5 min 40 s to 8 min 41 s (machines at 167-290 GFLOP/s); a machine at
+121-211 took 7 min 30 s to 21 min 10 s (docs/measurements.md lists each run).
 
 Departures from the ImageNet recipe, all for size and for a 5-epoch run:
   * native 28 px images in 7 px patches (a 4x4 grid of 16 tokens) and a 32 px master crop
