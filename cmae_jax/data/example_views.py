@@ -10,6 +10,10 @@ the two against each other.
 Seeds: `columns` and `crop_box` get the example's seed, a pure function of (config.seed,
 epoch, index); each draws its own sub-streams from it (VIEWS for the views, MASK for the
 mask), so the views and the mask of an example do not depend on the order of the stream.
+
+Batched form (`BatchedViews`, for in-memory splits of one image shape): the same draws,
+made for a whole batch from one seed, then the image ops on the batch
+(cmae_jax.data.batched_views); the pipeline draws one seed per global step.
 """
 
 from __future__ import annotations
@@ -134,7 +138,9 @@ def masked_views(config: Any) -> ExampleViews:
                 batched_views.take_rows(rows, offset[:, 0], size),
                 batched_views.take_rows(cols, offset[:, 1], size),
             )
-            params = {k.removeprefix("target_"): v for k, v in batch.items() if "target_" in k}
+            params = {
+                k.removeprefix("target_"): v for k, v in batch.items() if k.startswith("target_")
+            }
             target = batched_views.target_augment(target, params, inp)
             out["target"] = normalize(target, inp.mean, inp.std)
         out["ids_keep"], out["ids_mask"] = batch["ids_keep"], batch["ids_mask"]
@@ -185,7 +191,9 @@ def two_crop_views(config: Any) -> ExampleViews:
             crop = batched_views.resample(images, rows, cols)
             if aug_cfg is not None:
                 prefix = f"aug{view}_"
-                params = {k.removeprefix(prefix): v for k, v in batch.items() if prefix in k}
+                params = {
+                    k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)
+                }
                 crop = batched_views.target_augment(
                     crop, params, views.two_view_config(aug_cfg, view)
                 )
