@@ -187,6 +187,14 @@ def same_value(there: Any, now: Any, workdir: str) -> bool:
     return not inside.startswith("..") and there.endswith(os.sep + inside)
 
 
+# Keys added to the configs after runs were made, with the value that says how a run saved
+# without the key was made: such a run is reused by a command that asks for that value.
+VALUE_BEFORE_THE_KEY = {
+    # Until 2026-12-06 every view was made per example (cmae_jax.data.pipeline).
+    "input.batched_views": False,
+}
+
+
 def config_differences(
     config: str, overrides: dict[str, Any], folder: str, workdir: str
 ) -> list[str]:
@@ -199,7 +207,7 @@ def config_differences(
     if saved is None:
         return []
     wanted = json.loads(load_config(config, dict(overrides)).to_json_best_effort())
-    there = traverse_util.flatten_dict(saved, sep=".")
+    there = {**VALUE_BEFORE_THE_KEY, **traverse_util.flatten_dict(saved, sep=".")}
     now = traverse_util.flatten_dict(wanted, sep=".")
     absent = "(absent)"
     return [
