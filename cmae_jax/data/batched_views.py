@@ -111,7 +111,7 @@ def color_jitter(
     return images
 
 
-def gaussian_blur(images: tf.Tensor, kernels: tf.Tensor) -> tf.Tensor:
+def blur(images: tf.Tensor, kernels: tf.Tensor) -> tf.Tensor:
     """views.blur per example with its own kernel [B, K], as sums of shifted images."""
     kernel_size = kernels.shape[1]
     radius = kernel_size // 2
@@ -142,7 +142,7 @@ def target_augment(images: tf.Tensor, params: dict[str, tf.Tensor], cfg: Any) ->
         grey = tf.tile(tf.image.rgb_to_grayscale(images), [1, 1, 1, 3])
         images = tf.where(_per_example(params["grayscale"], images), grey, images)
     if cfg.get("blur_prob", 0.5) > 0:
-        blurred = gaussian_blur(images, params["blur_kernel"])
+        blurred = blur(images, params["blur_kernel"])
         images = tf.where(_per_example(params["blur"], images), blurred, images)
     if cfg.get("erase_prob", 0.0) > 0:
         erased = erase(images, params["erase_box"], views.erase_fill(cfg, channels))

@@ -190,24 +190,26 @@ def jitter_ops(cfg_jitter: Any, channels: int) -> tuple[bool, bool, bool, bool]:
     )
 
 
-def _jitter_factors(seed: tf.Tensor, jitter_cfg: Any, num: int | None = None) -> tf.Tensor:
-    """Brightness, contrast, saturation factors and the hue delta, float32 [..., 4]."""
+def _jitter_factors(
+    seed: tf.Tensor, jitter_cfg: Any, channels: int, num: int | None = None
+) -> tf.Tensor:
+    """Brightness, contrast, saturation factors and the hue delta, float32 [..., 4]; an op
+    that does not run (jitter_ops) draws nothing and gets its identity (1, or 0 for hue)."""
     factors_seed = _fold(seed, _JITTER_FACTORS)
     shape = _examples(num)
-
-    def factor(i: int, strength: float) -> tf.Tensor:
-        return _uniform(_fold(factors_seed, i), shape, max(0.0, 1.0 - strength), 1.0 + strength)
-
+    strengths = (jitter_cfg.brightness, jitter_cfg.contrast, jitter_cfg.saturation)
+    enabled = jitter_ops(jitter_cfg, channels)
+    factors = [
+        _uniform(_fold(factors_seed, i), shape, max(0.0, 1.0 - s), 1.0 + s)
+        if enabled[i]
+        else tf.ones(shape)
+        for i, s in enumerate(strengths)
+    ]
     h = jitter_cfg.hue
-    return tf.stack(
-        [
-            factor(0, jitter_cfg.brightness),
-            factor(1, jitter_cfg.contrast),
-            factor(2, jitter_cfg.saturation),
-            _uniform(_fold(factors_seed, 3), shape, -h, h),
-        ],
-        axis=-1,
+    factors.append(
+        _uniform(_fold(factors_seed, 3), shape, -h, h) if enabled[3] else tf.zeros(shape)
     )
+    return tf.stack(factors, axis=-1)
 
 
 def _color_jitter(
@@ -300,7 +302,9 @@ def target_augment_params(
     order = _uniform(_fold(seed, _JITTER_ORDER), [*shape, 4]) if on_jitter else None
     return {
         "jitter": applies(_JITTER_APPLY, jitter.prob) if on_jitter else no,
-        "jitter_factors": _jitter_factors(seed, jitter, num) if on_jitter else tf.ones([*shape, 4]),
+        "jitter_factors": _jitter_factors(seed, jitter, channels, num)
+        if on_jitter
+        else tf.ones([*shape, 4]),
         "jitter_order": tf.cast(tf.argsort(order, axis=-1), tf.int32)
         if on_jitter
         else tf.broadcast_to(tf.range(4, dtype=tf.int32), [*shape, 4]),
