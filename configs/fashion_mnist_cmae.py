@@ -14,8 +14,8 @@ since 2026-12-04 took 5 min 40 s to 8 min 41 s (machines at 167-290 GFLOP/s); a 
 121-211 took 7 min 30 s to 21 min 10 s (docs/measurements.md lists each run).
 
 Against the yardstick: k-NN on the raw pixels gives 85.69%, so this encoder is under them;
-16 epochs (--config.num_epochs=16, about 14.5 minutes on that machine) gave 82.61% and 82.50%
-with seeds 0 and 1 (README "Does it learn?").
+16 epochs (--config.num_epochs=16: 20 min 34 s at 227-230 GFLOP/s) gave 82.58% (82.61% on one
+core) and 82.50% with seeds 0 and 1 (README "Does it learn?").
 
 Departures from the ImageNet recipe, all for size and for a 5-epoch run:
   * native 28 px images in 7 px patches (a 4x4 grid of 16 tokens) and a 32 px master crop
