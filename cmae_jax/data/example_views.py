@@ -83,6 +83,16 @@ def normalize(images: Any, mean: Any, std: Any) -> Any:
     return (images - mean) / std
 
 
+def _with_prefix(prefix: str, params: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """A view's draws as columns of the batch: each name prefixed."""
+    return {prefix + name: value for name, value in params.items()}
+
+
+def _without_prefix(prefix: str, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The draws `_with_prefix` put into the batch, under their own names again."""
+    return {k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)}
+
+
 def masked_views(config: Any) -> ExampleViews:
     """CMAE / MAE: the online view (+ the pixel-shifted target view when
     config.input.target_view) of the master crop, and a patch mask."""
@@ -119,7 +129,7 @@ def masked_views(config: Any) -> ExampleViews:
             target = views.target_augment_params(
                 views.color_seed(seed_of_views), inp, inp.image_size, channels, num
             )
-            out.update({f"target_{name}": value for name, value in target.items()})
+            out.update(_with_prefix("target_", target))
         out["ids_keep"], out["ids_mask"] = _mask(seed, num)
         return out
 
@@ -138,9 +148,7 @@ def masked_views(config: Any) -> ExampleViews:
                 batched_views.take_rows(rows, offset[:, 0], size),
                 batched_views.take_rows(cols, offset[:, 1], size),
             )
-            params = {
-                k.removeprefix("target_"): v for k, v in batch.items() if k.startswith("target_")
-            }
+            params = _without_prefix("target_", batch)
             target = batched_views.target_augment(target, params, inp)
             out["target"] = normalize(target, inp.mean, inp.std)
         out["ids_keep"], out["ids_mask"] = batch["ids_keep"], batch["ids_mask"]
@@ -175,7 +183,7 @@ def two_crop_views(config: Any) -> ExampleViews:
                 colour = views.color_seed(seed_of_view)
                 per_view = views.two_view_config(aug_cfg, view)
                 params = views.target_augment_params(colour, per_view, size, channels, num)
-                out.update({f"aug{view}_{name}": value for name, value in params.items()})
+                out.update(_with_prefix(f"aug{view}_", params))
                 prob = aug_cfg.solarize_prob[view]
                 out[f"solarize{view}"] = views.draw_solarize(colour, prob, num)
         return out
@@ -190,10 +198,7 @@ def two_crop_views(config: Any) -> ExampleViews:
             )
             crop = batched_views.resample(images, rows, cols)
             if aug_cfg is not None:
-                prefix = f"aug{view}_"
-                params = {
-                    k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)
-                }
+                params = _without_prefix(f"aug{view}_", batch)
                 crop = batched_views.target_augment(
                     crop, params, views.two_view_config(aug_cfg, view)
                 )

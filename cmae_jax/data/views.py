@@ -191,14 +191,14 @@ def jitter_ops(cfg_jitter: Any, channels: int) -> tuple[bool, bool, bool, bool]:
 
 
 def _jitter_factors(
-    seed: tf.Tensor, jitter_cfg: Any, channels: int, num: int | None = None
+    seed: tf.Tensor, jitter_cfg: Any, enabled: tuple[bool, ...], num: int | None = None
 ) -> tf.Tensor:
     """Brightness, contrast, saturation factors and the hue delta, float32 [..., 4]; an op
-    that does not run (jitter_ops) draws nothing and gets its identity (1, or 0 for hue)."""
+    that does not run (`enabled`, from jitter_ops) draws nothing and gets its identity (1,
+    or 0 for hue)."""
     factors_seed = _fold(seed, _JITTER_FACTORS)
     shape = _examples(num)
     strengths = (jitter_cfg.brightness, jitter_cfg.contrast, jitter_cfg.saturation)
-    enabled = jitter_ops(jitter_cfg, channels)
     factors = [
         _uniform(_fold(factors_seed, i), shape, max(0.0, 1.0 - s), 1.0 + s)
         if enabled[i]
@@ -275,7 +275,8 @@ def target_augment_params(
     gets a leading axis of `num` views (see _examples).
     """
     jitter = cfg.color_jitter
-    on_jitter = jitter.prob > 0 and any(jitter_ops(jitter, channels))
+    enabled_jitter = jitter_ops(jitter, channels)
+    on_jitter = jitter.prob > 0 and any(enabled_jitter)
     gray_prob = cfg.get("grayscale_prob", 0.2) if channels == 3 else 0.0
     blur_prob = cfg.get("blur_prob", 0.5)
     erase_prob = cfg.get("erase_prob", 0.0)
@@ -302,7 +303,7 @@ def target_augment_params(
     order = _uniform(_fold(seed, _JITTER_ORDER), [*shape, 4]) if on_jitter else None
     return {
         "jitter": applies(_JITTER_APPLY, jitter.prob) if on_jitter else no,
-        "jitter_factors": _jitter_factors(seed, jitter, channels, num)
+        "jitter_factors": _jitter_factors(seed, jitter, enabled_jitter, num)
         if on_jitter
         else tf.ones([*shape, 4]),
         "jitter_order": tf.cast(tf.argsort(order, axis=-1), tf.int32)
