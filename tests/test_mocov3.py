@@ -2,7 +2,6 @@
 formula, the heads' structure, the frozen patch projection, the momentum branch after a
 step, and a tiny run through the loop that resumes exactly."""
 
-import importlib.util
 import json
 import os
 import re
@@ -15,35 +14,28 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from test_train import REPO, assert_trees_equal, restore_raw
+from test_config import load_config
+from test_train import REPO, assert_trees_equal, restore_raw, tiny_vit
 
 from cmae_jax import config_validation, ema, methods, optim
 from cmae_jax.config_checks import ConfigError
-from cmae_jax.config_defaults import base_config, set_variant
+from cmae_jax.config_defaults import base_config
 from cmae_jax.data import pipeline, sources
 from cmae_jax.methods import mocov3
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import mocov3 as mocov3_model
 
 
-def load_config(name: str) -> ml_collections.ConfigDict:
-    path = os.path.join(REPO, "configs", name)
-    spec = importlib.util.spec_from_file_location(name[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def shipped_config(name: str) -> ml_collections.ConfigDict:
+    """The config of configs/<name>."""
+    return load_config(os.path.join(REPO, "configs", name))
 
 
 def tiny_config(idx_dir: str, total_steps: int = 6) -> ml_collections.ConfigDict:
     """The Fashion-MNIST demo shrunk until a step takes milliseconds on a CPU core."""
-    config = load_config("fashion_mnist_mocov3.py")
+    config = tiny_vit(shipped_config("fashion_mnist_mocov3.py"))
     config.dataset.idx_dir = idx_dir
     config.input.global_batch_size = 32
-    config.input.image_size = 16
-    set_variant(config, "Mu/4")  # 4 px patches: a 4x4 grid
-    config.model.width = 32
-    config.model.depth = 2
-    config.model.num_heads = 2
     config.mocov3.projector_hidden = 64
     config.mocov3.predictor_hidden = 64
     config.mocov3.projection_dim = 32
@@ -263,14 +255,14 @@ def test_config_checks_name_the_key():
 
 
 def test_shipped_configs_are_the_recipe():
-    vitb = load_config("mocov3_vitb.py")
+    vitb = shipped_config("mocov3_vitb.py")
     config_validation.validate(vitb, num_devices=1, check_data=False)
     assert vitb.model.variant == "B/16" and vitb.num_epochs == 300
     assert vitb.input.global_batch_size == 4096
     assert optim.peak_learning_rate(vitb.optimizer, 4096) == pytest.approx(1.5e-4 * 16)
     assert (vitb.loss.temperature, vitb.ema.momentum, vitb.ema.schedule) == (0.2, 0.99, "cosine")
     assert vitb.optimizer.weight_decay == 0.1 and vitb.optimizer.warmup_epochs == 40
-    demo = load_config("fashion_mnist_mocov3.py")
+    demo = shipped_config("fashion_mnist_mocov3.py")
     config_validation.validate(demo, num_devices=1, check_data=False)
     assert demo.input.channels == 1 and demo.input.view_augment.blur_prob == (0.0, 0.0)
     # ViT-B: about 2.5x the FLOPs per image of CMAE (cmae_jax.aot counts 112 GFLOPs).

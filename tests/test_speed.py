@@ -13,16 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_mocov3 import tiny_config as tiny_mocov3_config
+from test_train import REPO, tiny_vit
 
 from cmae_jax import sharding
-from cmae_jax.config_defaults import fashion_mnist_config, fashion_mnist_maect_config, set_variant
+from cmae_jax.config_defaults import fashion_mnist_config, fashion_mnist_maect_config
 from cmae_jax.models import cmae as cmae_model
 from cmae_jax.models import encoder_spec, vit
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import train_step as benchmark  # noqa: E402  (benchmarks/ is not a package)
+import train_step as benchmark  # benchmarks/ is not a package
 
 
 def matmul_flops(*shapes: tuple[int, int, int]) -> int:
@@ -38,13 +38,8 @@ def block_matmuls(tokens: int, width: int, mlp: int) -> list[tuple[int, int, int
 
 def tiny_mae_config():
     """16 px grey images, patch 4 (16 patches, 4 visible), encoder 32 x 2, decoder 16 x 1."""
-    config = fashion_mnist_config("mae")
+    config = tiny_vit(fashion_mnist_config("mae"))
     config.input.global_batch_size = 2
-    config.input.image_size = 16
-    set_variant(config, "Mu/4")  # 4 px patches: a 4x4 grid
-    config.model.width = 32
-    config.model.depth = 2
-    config.model.num_heads = 2
     config.model.pixel_decoder_width = 16
     config.model.pixel_decoder_depth = 1
     config.model.pixel_decoder_heads = 2
@@ -114,10 +109,7 @@ def test_hf_vitmae_of_the_benchmark_has_our_mae_sizes():
 
 
 def test_benchmark_flops_of_a_maect_stage_equal_a_hand_count():
-    config = fashion_mnist_maect_config()
-    config.model.width, config.model.depth, config.model.num_heads = 32, 2, 2
-    config.input.image_size = 16
-    set_variant(config, "Mu/4")  # 4 px patches: a 4x4 grid
+    config = tiny_vit(fashion_mnist_maect_config())
     config.maect.update(projector_hidden=64, predictor_hidden=48, projection_dim=8)
     config.maect.queue_size = 100
     config.stages.tune.input.global_batch_size = 4

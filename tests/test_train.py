@@ -17,16 +17,21 @@ from cmae_jax.methods import cmae as train_cmae
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(idx_dir: str, method: str = "cmae", total_steps: int = 6):
-    """A model small enough that a step takes milliseconds on a CPU core."""
-    config = fashion_mnist_config(method)
-    config.dataset.idx_dir = idx_dir
-    config.input.global_batch_size = 32
+def tiny_vit(config):
+    """Shrinks a config's encoder to 16 px images in 4 px patches (a 4x4 grid), 32 wide, 2 deep."""
     config.input.image_size = 16
-    set_variant(config, "Mu/4")  # 4 px patches: a 4x4 grid
+    set_variant(config, "Mu/4")
     config.model.width = 32
     config.model.depth = 2
     config.model.num_heads = 2
+    return config
+
+
+def tiny_config(idx_dir: str, method: str = "cmae", total_steps: int = 6):
+    """A model small enough that a step takes milliseconds on a CPU core."""
+    config = tiny_vit(fashion_mnist_config(method))
+    config.dataset.idx_dir = idx_dir
+    config.input.global_batch_size = 32
     config.model.pixel_decoder_width = 32
     config.model.pixel_decoder_depth = 1
     config.model.pixel_decoder_heads = 2
