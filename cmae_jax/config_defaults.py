@@ -52,6 +52,9 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     # row and column are in no view); plain MAE resizes straight to image_size.
     config.input.shift = 31
     config.input.master_size = 0
+    # 'resize' (the official) or 'pad' (methods.cmae.MASTER_MODES): the crop resized to the
+    # whole master, or to image_size with black below and to the right of it.
+    config.input.master_mode = "resize"
     config.input.flip = True
     config.input.target_view = False  # the method's defaults decide (CMAE: True)
     config.input.color_jitter = ml_collections.ConfigDict(

@@ -77,6 +77,7 @@ def colour_config(**overrides):
     [
         ("CMAE, RGB, every op", colour_config(), (23, 31, 3)),
         ("CMAE, grey", make_config(channels=1, image_size=28, patch_size=7), (28, 28, 1)),
+        ("CMAE, RGB, every op, padded master", colour_config(master_mode="pad"), (23, 31, 3)),
         (
             "MAE, grey",
             make_config(

@@ -62,6 +62,7 @@ def test_the_demo_config_is_valid(small_fashion_mnist):
         ("mesh.fsdp", 3, "config.mesh="),
         ("eval.feature", "max", "config.eval.feature='max' is not one of cls, mean, cls+mean"),
         ("model.contrastive_pooling", "max", "config.model.contrastive_pooling='max' is not one"),
+        ("input.master_mode", "crop", "config.input.master_mode='crop' is not one of resize, pad"),
         ("logical_axis_rules", (("embed", "model"),), "names mesh axis 'model'"),
     ],
 )

@@ -317,10 +317,14 @@ def reference_master(image, box, flip, out_size):
     return master[:, ::-1] if flip else master
 
 
-@pytest.mark.parametrize("channels,master_size", [(1, 0), (3, 0), (1, 20)])
-def test_pixel_shift_views_geometry(channels, master_size):
+@pytest.mark.parametrize(
+    "channels,master_size,master_mode",
+    [(1, 0, "resize"), (3, 0, "resize"), (1, 20, "resize"), (1, 20, "pad"), (3, 0, "pad")],
+)
+def test_pixel_shift_views_geometry(channels, master_size, master_mode):
     cfg = make_config(channels=channels, image_size=16, shift=4, colour=False).input
     cfg.master_size = master_size
+    cfg.master_mode = master_mode
     # 0: the official rule size + shift + 1 (256 = 224 + 31 + 1 on ImageNet); else as given.
     side = master_size or 21
     rng = np.random.default_rng(0)
@@ -334,9 +338,16 @@ def test_pixel_shift_views_geometry(channels, master_size):
         assert 0 <= dy <= 4 and 0 <= dx <= 4
         flips.add(flip)
         offsets.update([dy, dx])
-        # The master is the crop box resized to side x side, flipped once; both views come
+        # The master is the crop box resized to side x side, flipped once ('pad': resized
+        # to the views' 16 x 16, flipped, black below and to the right); both views come
         # from it.
-        master = reference_master(image, params["box"].numpy(), flip, side)
+        if master_mode == "pad":
+            crop = reference_master(image, params["box"].numpy(), flip, 16)
+            master = np.zeros((side, side, channels), np.float32)
+            master[:16, :16] = crop
+            np.testing.assert_allclose(online, crop, atol=1e-6)  # the whole crop, unmagnified
+        else:
+            master = reference_master(image, params["box"].numpy(), flip, side)
         np.testing.assert_allclose(params["master"].numpy(), master, atol=1e-6)
         np.testing.assert_array_equal(online, master[:16, :16])
         np.testing.assert_array_equal(target, master[dy : dy + 16, dx : dx + 16])

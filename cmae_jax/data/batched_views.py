@@ -74,13 +74,16 @@ def take_rows(weights: tf.Tensor, offset: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def master_weights(
-    boxes: tf.Tensor, flips: tf.Tensor, side: int, height: int, width: int
+    boxes: tf.Tensor, flips: tf.Tensor, side: int, height: int, width: int, content: int = 0
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Row and column weights of the (flipped) master: the box [B, 4] resized to side x side."""
-    rows = resize_weights(boxes[:, 0], boxes[:, 2], side, height)
-    cols = resize_weights(boxes[:, 1], boxes[:, 3], side, width)
+    """Row and column weights of the (flipped) master: the box [B, 4] resized to content x
+    content (0: side x side) at the top left of side x side, zero weights (black) around."""
+    content = content or side
+    rows = resize_weights(boxes[:, 0], boxes[:, 2], content, height)
+    cols = resize_weights(boxes[:, 1], boxes[:, 3], content, width)
     cols = tf.where(flips[:, None, None], tf.reverse(cols, axis=[1]), cols)
-    return rows, cols
+    padding = [[0, 0], [0, side - content], [0, 0]]
+    return tf.pad(rows, padding), tf.pad(cols, padding)
 
 
 def _per_example(values: tf.Tensor, images: tf.Tensor) -> tf.Tensor:

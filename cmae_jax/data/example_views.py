@@ -138,7 +138,9 @@ def masked_views(config: Any) -> ExampleViews:
         _, height, width, _ = images.shape
         size = inp.image_size
         side = views.master_size(inp) if with_target else size
-        rows, cols = batched_views.master_weights(batch["box"], batch["flip"], side, height, width)
+        rows, cols = batched_views.master_weights(
+            batch["box"], batch["flip"], side, height, width, views.master_content_size(inp, side)
+        )
         online = batched_views.resample(images, rows[:, :size], cols[:, :size])
         out = {"online": normalize(online, inp.mean, inp.std)}
         if with_target:

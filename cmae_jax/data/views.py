@@ -418,6 +418,14 @@ def master_size(cfg: Any) -> int:
     return cfg.get("master_size") or cfg.image_size + cfg.shift + 1
 
 
+def master_content_size(cfg: Any, side: int) -> int:
+    """The side the crop is resized to inside a master of that side: all of it with
+    cfg.master_mode 'resize' (the official CMAE: the online view is its top-left part,
+    magnified by side / image_size), image_size with 'pad' (black below and to the right:
+    the online view is the whole crop at the evaluation views' scale)."""
+    return cfg.image_size if cfg.get("master_mode", "resize") == "pad" else side
+
+
 def color_seed(seed: tf.Tensor) -> tf.Tensor:
     """The sub-seed of the target view's colour ops (target_augment_params)."""
     return _fold(seed, _COLOR)
@@ -452,10 +460,12 @@ def views_from_crop(
     shift = cfg.shift if with_target else 0
     channels = crop.shape[-1]
     side = master_size(cfg) if with_target else size
-    master = _resize(_to_float(crop), (side, side))
+    content = master_content_size(cfg, side)
+    master = _resize(_to_float(crop), (content, content))
     flip = draw_flip(seed, cfg)
     if cfg.flip:
         master = tf.cond(flip, lambda: tf.reverse(master, axis=[1]), lambda: master)
+    master = tf.pad(master, [[0, side - content], [0, side - content], [0, 0]])
     online = master[:size, :size]
     offset = draw_shift(seed, shift)
     params = {"flip": flip, "dy": offset[0], "dx": offset[1], "master": master}

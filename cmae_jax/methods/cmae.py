@@ -40,6 +40,8 @@ from cmae_jax.models import vit
 
 # The parts of the online parameters that the EMA target follows.
 TARGET_KEYS = ("encoder", "projector")
+# How the master crop holds the crop (data.views.master_content_size).
+MASTER_MODES = ("resize", "pad")
 
 
 def split_micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
@@ -387,6 +389,12 @@ def validate(config: ml_collections.ConfigDict, checks: methods.Checks) -> None:
         f"config.input.master_size={master} cannot hold a {inp.image_size} px view shifted by "
         f"up to {inp.shift} px; use 0 (image_size + shift + 1, the official 256 at 224 px) or "
         f"at least {inp.image_size + inp.shift}.",
+    )
+    require(
+        inp.get("master_mode", "resize") in MASTER_MODES,
+        f"config.input.master_mode={inp.get('master_mode')!r} is not one of "
+        f"{', '.join(MASTER_MODES)}: 'resize' fills the master with the crop (the "
+        "official CMAE), 'pad' puts the crop at the views' size in its top-left corner.",
     )
     require(
         config.loss.contrastive_weight >= 0,
