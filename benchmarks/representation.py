@@ -192,6 +192,8 @@ def same_value(there: Any, now: Any, workdir: str) -> bool:
 VALUE_BEFORE_THE_KEY = {
     # Until 2026-12-06 every view was made per example (cmae_jax.data.pipeline).
     "input.batched_views": False,
+    # Until 2026-12-06 23:00 the crop filled the whole pixel-shift master (data.views).
+    "input.master_mode": "resize",
 }
 
 

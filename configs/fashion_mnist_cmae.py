@@ -9,8 +9,9 @@ cores whose XLA float32 matmul reached 273-301 GFLOP/s (scale by your machine's 
 `k-NN top-1: 81.58%`, the first run with the batched views (the input pipeline's default
 since that day: other random views from the same distribution); again at 19:49, 5 min 23 s
 at 243-252 GFLOP/s, the same k-NN and losses; at 23:18 on a fresh machine whose CPU sums
-in another order, 5 min 26 s at 156-204 GFLOP/s and 81.24% (the commit before gave the same 59 losses there). With the per-example views
-(--config.input.batched_views=False) it printed 81.22% (80.93% on some CPUs), and every run
+in another order, 5 min 26 s at 156-204 GFLOP/s and 81.24% (the commit before gave the
+same 59 losses there). With the per-example views (--config.input.batched_views=False) it
+printed 81.22% (80.93% on some CPUs), and every run
 since 2026-12-04 took 5 min 40 s to 8 min 41 s (machines at 167-290 GFLOP/s); a machine at
 121-211 took 7 min 30 s to 21 min 10 s (docs/measurements.md lists each run).
 

@@ -197,11 +197,13 @@ def test_saved_and_asked_values_compare_as_the_runs_read_them(tmp_path):
 
 def test_a_run_saved_before_a_key_existed_compares_as_it_was_made(tmp_path):
     """A run from before config.input.batched_views made its views per example: it is
-    another run than the batched default's, and the same as batched_views=False's."""
+    another run than the batched default's, and the same as batched_views=False's. One from
+    before config.input.master_mode filled the master with the crop: the default's 'resize'."""
     representation = benchmark_module()
     config = "configs/fashion_mnist_mae.py"
     saved = json.loads(representation.load_config(config, {}).to_json_best_effort())
     del saved["input"]["batched_views"]
+    del saved["input"]["master_mode"]
     folder = tmp_path / "mae"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(saved))
@@ -209,6 +211,10 @@ def test_a_run_saved_before_a_key_existed_compares_as_it_was_made(tmp_path):
     assert differences == ["input.batched_views: False there, True now"]
     same = {"input.batched_views": False}
     assert representation.config_differences(config, same, str(folder), str(tmp_path)) == []
+    padded = {**same, "input.master_mode": "pad"}
+    assert representation.config_differences(config, padded, str(folder), str(tmp_path)) == [
+        "input.master_mode: 'resize' there, 'pad' now"
+    ]
 
 
 def test_epoch_budgets_reach_every_run_through_the_runs_own_flag_parser(small_fashion_mnist):
