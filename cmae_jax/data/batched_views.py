@@ -82,6 +82,8 @@ def master_weights(
     rows = resize_weights(boxes[:, 0], boxes[:, 2], content, height)
     cols = resize_weights(boxes[:, 1], boxes[:, 3], content, width)
     cols = tf.where(flips[:, None, None], tf.reverse(cols, axis=[1]), cols)
+    if content == side:
+        return rows, cols
     padding = [[0, 0], [0, side - content], [0, 0]]
     return tf.pad(rows, padding), tf.pad(cols, padding)
 

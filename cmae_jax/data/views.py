@@ -465,7 +465,8 @@ def views_from_crop(
     flip = draw_flip(seed, cfg)
     if cfg.flip:
         master = tf.cond(flip, lambda: tf.reverse(master, axis=[1]), lambda: master)
-    master = tf.pad(master, [[0, side - content], [0, side - content], [0, 0]])
+    if content < side:
+        master = tf.pad(master, [[0, side - content], [0, side - content], [0, 0]])
     online = master[:size, :size]
     offset = draw_shift(seed, shift)
     params = {"flip": flip, "dy": offset[0], "dx": offset[1], "master": master}
