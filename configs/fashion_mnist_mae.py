@@ -8,7 +8,8 @@ configs/fashion_mnist_cmae.py, with contrastive_weight 0 (no target view, no tar
 pass), random masking at 0.75, and no RandomResizedCrop: MAE sees each whole image (and its
 mirror image), as the evaluation does. Its step has 46% of the CMAE demo's FLOPs (0.024
 against 0.053 GFLOP per image). Expected: `k-NN top-1: 81.65%` (2026-12-06, pinned to one
-core while another job used the other: 6 min 31 s). With the crops of 20-100% of the image
+core while another job used the other: 6 min 31 s; that machine's 2 idle cores measured
+an XLA float32 matmul of 156-204 GFLOP/s). With the crops of 20-100% of the image
 that it used until then (--config.input.crop_scale='(0.2,1.0)'
 --config.input.crop_ratio='(0.75,1.3333333333333333)'), 79.46% (80.09% with the
 per-example views of --config.input.batched_views=False, the same to the digit on the
