@@ -10,8 +10,7 @@ mirror image), as the evaluation does. Its step has 46% of the CMAE demo's FLOPs
 against 0.053 GFLOP per image). Expected: `k-NN top-1: 81.65%` (2026-12-06, pinned to one
 core while another job used the other: 6 min 31 s; that machine's 2 idle cores measured
 an XLA float32 matmul of 156-204 GFLOP/s). With the crops of 20-100% of the image
-that it used until then (--config.input.crop_scale='(0.2,1.0)'
---config.input.crop_ratio='(0.75,1.3333333333333333)'), 79.46% (80.09% with the
+that it used until then (--config.input.crop_scale='(0.2,1.0)'), 79.46% (80.09% with the
 per-example views of --config.input.batched_views=False, the same to the digit on the
 machines of 2026-12-02, 12-03 and 12-04); over seeds 0-3 (--config.seed=N) the whole images
 gave 81.65 / 82.07 / 81.43 / 81.63% against 79.46 / 80.64 / 80.10 / 80.73% (README "Does it

@@ -308,6 +308,38 @@ def test_random_resized_crop_box_fallback():
     assert (y, x, h, w) == ((50 - 27) // 2, 0, 27, 20)
 
 
+def test_the_mae_demo_crops_the_whole_image_and_maect_stages_the_usual_ratios():
+    from cmae_jax.config_defaults import fashion_mnist_maect_config
+    from cmae_jax.methods.maect import stage_config
+
+    config = fashion_mnist_maect_config()
+    mae = stage_config(config, "1_mae").input
+    # The whole area: every try of another aspect ratio overflows a side, so each box is the
+    # whole 28 x 28 image whatever crop_ratio allows.
+    boxes = views.random_resized_crop_box(
+        tf.constant([7, 8], tf.int64), 28, 28, tuple(mae.crop_scale), tuple(mae.crop_ratio), num=64
+    )
+    np.testing.assert_array_equal(np.stack([b.numpy() for b in boxes], 1), [[0, 0, 28, 28]] * 64)
+    # MAE-CT's contrastive stages set their own crop scale and keep RandomResizedCrop's ratios
+    # (the measured recipe of configs/fashion_mnist_maect.py): not the MAE's whole image.
+    for stage in ("2_head", "3_tune"):
+        inp = stage_config(config, stage).input
+        assert tuple(inp.crop_scale) == (0.2, 1.0)
+        assert tuple(inp.crop_ratio) == pytest.approx((3 / 4, 4 / 3))
+        _, _, h, w = (
+            b.numpy()
+            for b in views.random_resized_crop_box(
+                tf.constant([7, 8], tf.int64),
+                28,
+                28,
+                tuple(inp.crop_scale),
+                tuple(inp.crop_ratio),
+                num=64,
+            )
+        )
+        assert (h != w).any() and (h * w < 28 * 28).any()
+
+
 def reference_master(image, box, flip, out_size):
     y, x, h, w = box
     crop = tf.cast(image[y : y + h, x : x + w], tf.float32) / 255.0
