@@ -324,10 +324,12 @@ def fashion_mnist_config(method: str = "cmae") -> ml_collections.ConfigDict:
         # MAE sees the whole image, no RandomResizedCrop (flip only): the evaluation's view.
         # Over seeds 0-3 of the 5-epoch demo, k-NN 81.65 / 82.07 / 81.43 / 81.63% against
         # 79.46 / 80.64 / 80.10 / 80.73% with crops of 20-100% (README "Does it learn?").
-        # CMAE gained nothing from whole images (-0.61 / -0.04 over seeds 0 / 1); MoCo v3's
-        # two views are its crops. The whole area leaves no room for another aspect ratio, so
-        # crop_ratio keeps its (3/4, 4/3): the sections that copy config.input and set their
-        # own crop_scale (MAE-CT's stages 2 and 3, fine-tuning) crop with the usual ratios.
+        # CMAE takes whole images only together with the padded master and weight 1
+        # (configs/fashion_mnist_cmae.py): alone they gained it nothing (-0.61 / -0.04 over
+        # seeds 0 / 1). MoCo v3's two views are its crops. The whole area leaves no room for
+        # another aspect ratio, so crop_ratio keeps its (3/4, 4/3): the sections that copy
+        # config.input and set their own crop_scale (MAE-CT's stages 2 and 3, fine-tuning)
+        # crop with the usual ratios.
         config.input.crop_scale = (1.0, 1.0)
     return config
 
