@@ -313,30 +313,25 @@ def test_the_mae_demo_crops_the_whole_image_and_maect_stages_the_usual_ratios():
     from cmae_jax.methods.maect import stage_config
 
     config = fashion_mnist_maect_config()
-    mae = stage_config(config, "1_mae").input
+
+    def boxes(inp):
+        seed = tf.constant([7, 8], tf.int64)
+        box = views.random_resized_crop_box(
+            seed, 28, 28, tuple(inp.crop_scale), tuple(inp.crop_ratio), num=64
+        )
+        return np.stack([b.numpy() for b in box], 1)  # [64, (y, x, h, w)]
+
     # The whole area: every try of another aspect ratio overflows a side, so each box is the
     # whole 28 x 28 image whatever crop_ratio allows.
-    boxes = views.random_resized_crop_box(
-        tf.constant([7, 8], tf.int64), 28, 28, tuple(mae.crop_scale), tuple(mae.crop_ratio), num=64
-    )
-    np.testing.assert_array_equal(np.stack([b.numpy() for b in boxes], 1), [[0, 0, 28, 28]] * 64)
+    mae = stage_config(config, "1_mae").input
+    np.testing.assert_array_equal(boxes(mae), [[0, 0, 28, 28]] * 64)
     # MAE-CT's contrastive stages set their own crop scale and keep RandomResizedCrop's ratios
     # (the measured recipe of configs/fashion_mnist_maect.py): not the MAE's whole image.
     for stage in ("2_head", "3_tune"):
         inp = stage_config(config, stage).input
         assert tuple(inp.crop_scale) == (0.2, 1.0)
         assert tuple(inp.crop_ratio) == pytest.approx((3 / 4, 4 / 3))
-        _, _, h, w = (
-            b.numpy()
-            for b in views.random_resized_crop_box(
-                tf.constant([7, 8], tf.int64),
-                28,
-                28,
-                tuple(inp.crop_scale),
-                tuple(inp.crop_ratio),
-                num=64,
-            )
-        )
+        h, w = boxes(inp)[:, 2:].T
         assert (h != w).any() and (h * w < 28 * 28).any()
 
 
