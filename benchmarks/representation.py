@@ -37,8 +37,12 @@ are evaluated once.
 
 Writes to the workdir: representation.json (every number, the commands, the curves),
 curves.png (k-NN against epochs and against wall minutes, one line per method, the pixels'
-k-NN as a line), table.md (the Markdown table of the README) and per_class.md (the k-NN's
-top-1 of each class, for every encoder whose evaluation has it: where the pixels win).
+k-NN as a line), table.md (the Markdown table of the README), orderings.md (the papers'
+orderings and the representation issue's targets checked on the rows, seed by seed: CMAE
+above MAE on every protocol, MAE-CT above its MAE by 3 k-NN points and in cluster
+accuracy, every method above the pixels' k-NN, the best k-NN and linear probe against 89%
+and 91%) and per_class.md (the k-NN's top-1 of each class, for every encoder whose
+evaluation has it: where the pixels win).
 """
 
 from __future__ import annotations
@@ -468,6 +472,94 @@ def markdown_table(results: dict[str, dict[str, Any]], wall: dict[str, float]) -
     return "\n".join(lines) + "\n"
 
 
+# The papers' orderings and the representation issue's targets, checked on the measured
+# rows (orderings.md): (the row that should be above, the row below it, column, by how many
+# points at least; 0 = above at all). Rows of several seeds are compared seed by seed (seed
+# N of each: MAE-CT's seed N starts from MAE's seed N); the pixels are one number for all.
+SELF_SUPERVISED = ("mae", "cmae", "maect", "mocov3")
+ORDERINGS = (
+    *(("cmae", "mae", key, 0.0) for key, _ in COLUMNS),  # CMAE adds to MAE
+    ("maect", "mae", "knn_top1", 3.0),  # the issue: at least 3 k-NN points over its MAE
+    ("maect", "mae", "cluster_accuracy", 0.0),  # ... and in cluster accuracy
+    *((method, "raw pixels", "knn_top1", 0.0) for method in SELF_SUPERVISED),
+)
+# The issue's 2-hour targets for the best self-supervised row (its mean over the seeds).
+TARGETS = (("knn_top1", 0.89), ("linear_probe_top1", 0.91))
+
+
+def seed_values(row: dict[str, Any], key: str) -> list[float]:
+    """A row's `key` seed by seed (one value for a single-seed row)."""
+    return [numbers[key] for numbers in row.get("per_seed", [row])]
+
+
+def orderings(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each ordering of ORDERINGS whose two rows were measured, with the seeds' differences
+    in points, their mean, how many seeds clear the margin and whether the mean does; then
+    each target of TARGETS against the best self-supervised row."""
+    headings = dict(COLUMNS)
+    checks = []
+    for above, below, key, margin in ORDERINGS:
+        if key not in results.get(above, {}) or key not in results.get(below, {}):
+            continue
+        upper, lower = seed_values(results[above], key), seed_values(results[below], key)
+        if len(lower) == 1:  # the pixels: one number against every seed
+            lower = lower * len(upper)
+        if len(upper) != len(lower):
+            continue  # other seed counts: no pairing seed by seed
+
+        def clears(points: float, margin: float = margin) -> bool:
+            return points >= margin if margin else points > 0
+
+        # Rounded far below the 0.01 point of one test image in 10k: a tie stays a tie.
+        differences = [round(100 * (a - b), 6) for a, b in zip(upper, lower)]
+        mean = round(float(np.mean(differences)), 6)
+        checks.append(
+            dict(
+                claim=f"{above} above {below}" + (f" by {margin:g} points" if margin else ""),
+                column=headings[key],
+                per_seed=differences,
+                mean=mean,
+                seeds_clearing=sum(clears(d) for d in differences),
+                holds=clears(mean),
+            )
+        )
+    for key, target in TARGETS:
+        scored = [m for m in SELF_SUPERVISED if key in results.get(m, {})]
+        if scored:
+            best = max(scored, key=lambda m: results[m][key])
+            checks.append(
+                dict(
+                    claim=f"the best self-supervised row at least {100 * target:g}%",
+                    column=headings[key],
+                    best=best,
+                    value=100 * results[best][key],
+                    holds=results[best][key] >= target,
+                )
+            )
+    return checks
+
+
+def orderings_table(checks: list[dict[str, Any]]) -> str:
+    """orderings.md: one line per check of `orderings`; '' when there is none."""
+    if not checks:
+        return ""
+    lines = [
+        "| claim | column | per seed (points) | mean | seeds clearing it | holds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for check in checks:
+        if "per_seed" in check:
+            seeds = " / ".join(f"{d:+.2f}" for d in check["per_seed"])
+            mean = f"{check['mean']:+.2f}"
+            count = f"{check['seeds_clearing']} of {len(check['per_seed'])}"
+        else:
+            seeds, mean, count = f"{check['best']}: {check['value']:.2f}%", "", ""
+        holds = "yes" if check["holds"] else "no"
+        cells = (check["claim"], check["column"], seeds, mean, count, holds)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def per_class_table(results: dict[str, dict[str, Any]], class_names: list[str]) -> str:
     """The k-NN's top-1 of each class, one row per encoder that has them (a mean over seeds
     where the row has several); '' when none has."""
@@ -598,7 +690,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    """Pretrains, evaluates and writes representation.json, curves.png and table.md."""
+    """Pretrains, evaluates and writes representation.json, curves.png and the tables."""
     args = parse_arguments()
     methods = available_methods([m for m in args.methods.split(",") if m])
     seeds = args.seeds
@@ -665,18 +757,24 @@ def main() -> None:
         # Each seed's own curve (the same as `curves` with one seed).
         run_curves={name: points for name, (points, _) in run_curves.items()},
         results=results,
+        orderings=orderings(results),
     )
     with open(os.path.join(args.workdir, "representation.json"), "w") as f:
         json.dump(summary, f, indent=2)
     table = markdown_table(results, wall)
     with open(os.path.join(args.workdir, "table.md"), "w") as f:
         f.write(table)
+    by_orderings = orderings_table(summary["orderings"])
+    if by_orderings:
+        with open(os.path.join(args.workdir, "orderings.md"), "w") as f:
+            f.write(by_orderings)
     by_class = per_class_table(results, class_names(args))
     if by_class:
         with open(os.path.join(args.workdir, "per_class.md"), "w") as f:
             f.write(by_class)
     plot(curves, pixels_knn, os.path.join(args.workdir, "curves.png"))
     print(table, flush=True)
+    print(by_orderings, flush=True)
     print(by_class, flush=True)
 
 

@@ -114,6 +114,29 @@ def test_every_output_is_written(benchmark_run):
     cells = lines[2].split(" | ")[1:]
     assert lines[2].startswith("| raw pixels |") and len(cells) == 10
     assert cells[0] == f"{100 * per_class[0]:.1f}%"
+    # The papers' orderings and the issue's targets, from the rows' own numbers; the
+    # supervised reference is in none of them.
+    with open(os.path.join(workdir, "orderings.md")) as f:
+        by_orderings = f.read()
+    assert by_orderings in stdout
+    checks = {(c["claim"], c["column"]): c for c in summary["orderings"]}
+    assert list(checks) == [
+        ("maect above mae by 3 points", "k-NN"),
+        ("maect above mae", "cluster acc."),
+        ("mae above raw pixels", "k-NN"),
+        ("maect above raw pixels", "k-NN"),
+        ("the best self-supervised row at least 89%", "k-NN"),
+        ("the best self-supervised row at least 91%", "linear probe"),
+    ]
+    rows = summary["results"]
+    gain = 100 * (rows["maect"]["knn_top1"] - rows["mae"]["knn_top1"])
+    assert checks["maect above mae by 3 points", "k-NN"]["per_seed"] == pytest.approx([gain])
+    assert checks["maect above mae by 3 points", "k-NN"]["holds"] == (gain >= 3)
+    best = max(("mae", "maect"), key=lambda m: rows[m]["linear_probe_top1"])
+    target = checks["the best self-supervised row at least 91%", "linear probe"]
+    assert target["best"] == best
+    assert target["value"] == pytest.approx(100 * rows[best]["linear_probe_top1"])
+    assert len(by_orderings.strip().splitlines()) == 2 + len(checks)
 
 
 def test_curves_follow_the_runs(benchmark_run):
@@ -306,6 +329,13 @@ def test_seeds_run_beside_the_first_and_the_table_shows_their_mean(benchmark_run
         by_seed = [seed["knn_top1_per_class"] for seed in row["per_seed"]]
         expected = [None if None in pair else sum(pair) / 2 for pair in zip(*by_seed)]
         assert row["knn_top1_per_class"] == pytest.approx(expected)
+    # The orderings pair the seeds: MAE-CT's seed N against MAE's seed N.
+    mae, maect = (summary["results"][m]["per_seed"] for m in ("mae", "maect"))
+    gains = [100 * (maect[i]["knn_top1"] - mae[i]["knn_top1"]) for i in range(2)]
+    check = next(c for c in summary["orderings"] if c["claim"] == "maect above mae by 3 points")
+    assert check["per_seed"] == pytest.approx(gains)
+    assert check["mean"] == pytest.approx(sum(gains) / 2)
+    assert check["seeds_clearing"] == sum(g >= 3 for g in gains)
     # The pixels do not depend on the seed: one evaluation, one number, no range.
     pixels_row = next(line for line in table.splitlines() if line.startswith("| raw pixels |"))
     assert "(" not in pixels_row
@@ -343,3 +373,47 @@ def test_seed_flags_are_checked(flag, message, capsys):
     with pytest.raises(SystemExit):
         benchmark_module().parse_arguments(["--workdir=/nonexistent", flag])
     assert message in capsys.readouterr().err
+
+
+def test_orderings_compare_seed_by_seed_against_their_margins():
+    """Hand-made rows: differences in points seed by seed, the pixels' one number against
+    every seed, a margin met by the mean but not by every seed, targets on the best row."""
+    representation = benchmark_module()
+
+    def row(*knn: float, probe: float = 0.8) -> dict:
+        per_seed = [{"knn_top1": v, "linear_probe_top1": probe} for v in knn]
+        mean = {"knn_top1": sum(knn) / len(knn), "linear_probe_top1": probe}
+        return dict(mean, per_seed=per_seed) if len(knn) > 1 else mean
+
+    results = {
+        "raw pixels": row(0.85),
+        "mae": row(0.80, 0.82),
+        "cmae": row(0.81, 0.81, probe=0.92),
+        "maect": row(0.835, 0.845),
+        "supervised": row(0.95, 0.95, probe=0.95),
+    }
+    checks = {(c["claim"], c["column"]): c for c in representation.orderings(results)}
+    cmae = checks["cmae above mae", "k-NN"]
+    assert cmae["per_seed"] == pytest.approx([1.0, -1.0]) and cmae["mean"] == pytest.approx(0)
+    assert (cmae["seeds_clearing"], cmae["holds"]) == (1, False)  # level is not above
+    maect = checks["maect above mae by 3 points", "k-NN"]
+    assert maect["per_seed"] == pytest.approx([3.5, 2.5])
+    assert (maect["seeds_clearing"], maect["holds"]) == (1, True)  # the mean is 3.0
+    pixels = checks["maect above raw pixels", "k-NN"]
+    assert pixels["per_seed"] == pytest.approx([-1.5, -0.5])
+    # No row has cluster accuracy here: no such check. The supervised row is never checked.
+    assert [claim for claim, _ in checks] == [
+        "cmae above mae",
+        "cmae above mae",
+        "maect above mae by 3 points",
+        *(f"{m} above raw pixels" for m in ("mae", "cmae", "maect")),
+        "the best self-supervised row at least 89%",
+        "the best self-supervised row at least 91%",
+    ]
+    knn_target = checks["the best self-supervised row at least 89%", "k-NN"]
+    assert (knn_target["best"], knn_target["holds"]) == ("maect", False)
+    assert knn_target["value"] == pytest.approx(84.0)
+    probe_target = checks["the best self-supervised row at least 91%", "linear probe"]
+    assert (probe_target["best"], probe_target["holds"]) == ("cmae", True)
+    table = representation.orderings_table(list(checks.values()))
+    assert "| maect above mae by 3 points | k-NN | +3.50 / +2.50 | +3.00 | 1 of 2 | yes |" in table
