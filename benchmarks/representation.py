@@ -38,7 +38,8 @@ are evaluated once.
 Writes to the workdir: representation.json (every number, the commands, the curves),
 curves.png (k-NN against epochs and against wall minutes, one line per method, the pixels'
 k-NN as a line), table.md (the Markdown table of the README), orderings.md (the papers'
-orderings and the representation issue's targets checked on the rows, seed by seed: CMAE
+orderings and the representation issue's targets checked on the rows, seed by seed, held
+where every seed clears them: CMAE
 above MAE on every protocol, MAE-CT above its MAE by 3 k-NN points and in cluster
 accuracy, every method above the pixels' k-NN, the best k-NN and linear probe against 89%
 and 91%) and per_class.md (the k-NN's top-1 of each class, for every encoder whose
@@ -494,8 +495,8 @@ def seed_values(row: dict[str, Any], key: str) -> list[float]:
 
 def orderings(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each ordering of ORDERINGS whose two rows were measured, with the seeds' differences
-    in points, their mean, how many seeds clear the margin and whether the mean does; then
-    each target of TARGETS against the best self-supervised row."""
+    in points, their mean, how many seeds clear the margin and whether every seed does; then
+    each target of TARGETS against the best self-supervised row's mean."""
     headings = dict(COLUMNS)
     checks = []
     for above, below, key, margin in ORDERINGS:
@@ -520,7 +521,8 @@ def orderings(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 per_seed=differences,
                 mean=mean,
                 seeds_clearing=sum(clears(d) for d in differences),
-                holds=clears(mean),
+                # In every seed: a mean a hair above the margin is inside the seeds' spread.
+                holds=all(clears(d) for d in differences),
             )
         )
     for key, target in TARGETS:
@@ -544,7 +546,7 @@ def orderings_table(checks: list[dict[str, Any]]) -> str:
     if not checks:
         return ""
     lines = [
-        "| claim | column | per seed (points) | mean | seeds clearing it | holds |",
+        "| claim | column | per seed (points) | mean | seeds clearing it | holds in every seed |",
         "|---|---|---|---|---|---|",
     ]
     for check in checks:
