@@ -39,11 +39,10 @@ Writes to the workdir: representation.json (every number, the commands, the curv
 curves.png (k-NN against epochs and against wall minutes, one line per method, the pixels'
 k-NN as a line), table.md (the Markdown table of the README), orderings.md (the papers'
 orderings and the representation issue's targets checked on the rows, seed by seed, held
-where every seed clears them: CMAE
-above MAE on every protocol, MAE-CT above its MAE by 3 k-NN points and in cluster
-accuracy, every method above the pixels' k-NN, the best k-NN and linear probe against 89%
-and 91%) and per_class.md (the k-NN's top-1 of each class, for every encoder whose
-evaluation has it: where the pixels win).
+where every seed clears them: CMAE above MAE on every protocol, MAE-CT above its MAE by 3
+k-NN points and in cluster accuracy, every method above the pixels' k-NN, the best k-NN
+and linear probe against 89% and 91%) and per_class.md (the k-NN's top-1 of each class, for
+every encoder whose evaluation has it: where the pixels win).
 """
 
 from __future__ import annotations
