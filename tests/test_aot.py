@@ -17,7 +17,7 @@ from cmae_jax import aot
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
-# tiny_config of test_train as command-line overrides, FSDP over the 4 chips.
+# The demo config shrunk to test_train's tiny sizes, FSDP over the 4 chips.
 TINY = {
     "input.global_batch_size": 32,
     "input.image_size": 16,
@@ -46,6 +46,17 @@ def aot_command(topology: str, json_out: str) -> list[str]:
         f"--json_out={json_out}",
         *(f"--config.{k}={v}" for k, v in TINY.items()),
     ]
+
+
+def tiny_demo_config():
+    """The config that aot_command compiles, built in Python: the demo file with TINY set."""
+    from configs import fashion_mnist_cmae
+
+    config = fashion_mnist_cmae.get_config()
+    for key, value in TINY.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
 
 
 def test_cloud_tpu_names_map_to_slices():
@@ -130,12 +141,9 @@ def test_compiles_the_train_step_for_a_v5e_slice(tmp_path):
     # Arguments per chip hold at least a quarter of the train state and of the batch (FSDP
     # over 4 chips). At this size TPU tile padding of the ~300 small leaves dominates, so
     # no tighter bound: test_sharding checks the shard shapes themselves.
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from test_train import tiny_config
-
     from cmae_jax.methods import cmae as train_cmae
 
-    config = tiny_config("/unused")
+    config = tiny_demo_config()
     model, tx, _, _ = train_cmae.make_model_and_optimizer(config, 16, 6)
     init = train_cmae.make_init_state(model, tx, config)
     state = jax.eval_shape(lambda k: nn.meta.unbox(init(k)), jax.random.key(0))
