@@ -201,6 +201,22 @@ VALUE_BEFORE_THE_KEY = {
 }
 
 
+def config_as_saved(config: str, overrides: dict[str, Any]) -> Any:
+    """The config that `config` with `overrides` writes to its run's config.json: an
+    evaluation's takes the encoder and input geometry of the run it reads
+    (features.resolve_config), so a run with another encoder than configs/eval/all.py's
+    default (a conv stem, another width) is the same evaluation at every start."""
+    cfg = load_config(config, dict(overrides))
+    if config != EVAL_CONFIG:
+        return cfg
+    from cmae_jax.evaluation import features
+
+    try:
+        return features.resolve_config(cfg)
+    except FileNotFoundError:  # the run it reads has no checkpoint (yet): nothing to take
+        return cfg
+
+
 def config_differences(
     config: str, overrides: dict[str, Any], folder: str, workdir: str
 ) -> list[str]:
@@ -212,7 +228,7 @@ def config_differences(
     saved = read_json(os.path.join(folder, "config.json"))
     if saved is None:
         return []
-    wanted = json.loads(load_config(config, dict(overrides)).to_json_best_effort())
+    wanted = json.loads(config_as_saved(config, overrides).to_json_best_effort())
     there = {**VALUE_BEFORE_THE_KEY, **traverse_util.flatten_dict(saved, sep=".")}
     now = traverse_util.flatten_dict(wanted, sep=".")
     absent = "(absent)"

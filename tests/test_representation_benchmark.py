@@ -200,6 +200,29 @@ def test_other_flags_on_a_used_workdir_stop_before_anything_runs(benchmark_run, 
     assert file_times(workdir) == files_before
 
 
+def test_an_evaluation_compares_with_the_encoder_of_the_run_it_reads(benchmark_run):
+    """An evaluation saves the encoder of its run (features.resolve_config), not the eval
+    config's default: asked without the model flags it is still the same evaluation."""
+    representation = benchmark_module()
+    workdir, _, command = benchmark_run
+    without_model = [f for f in command if f.startswith("--eval_set=") and "=model." not in f]
+    args = representation.parse_arguments([f"--workdir={workdir}", *without_model])
+    config = representation.EVAL_CONFIG
+    tiny_keys = {key.partition("=")[0] for key in TINY_MODEL}
+    for name, init, differing in [
+        ("mae", os.path.join(workdir, "mae"), set()),
+        # The pixels read no run: the eval config's own model is the one asked for there.
+        ("pixels", "pixels", tiny_keys),
+    ]:
+        encoder = representation.Encoder(name, init)
+        overrides = representation.evaluation_overrides(encoder, args)
+        found = representation.config_differences(
+            config, overrides, encoder.eval_dir(workdir), workdir
+        )
+        assert {difference.partition(":")[0] for difference in found} == differing, found
+    assert "model.width: 32 there, None now" in found
+
+
 def test_saved_and_asked_values_compare_as_the_runs_read_them(tmp_path):
     """Numbers by value; paths by the folder they name, also in a moved benchmark workdir."""
     same_value = benchmark_module().same_value
