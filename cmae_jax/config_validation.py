@@ -77,10 +77,22 @@ def validate(
         "devices; use a multiple of the device count.",
     )
     try:
-        mesh_shape(config.mesh, num_devices)
+        data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
         logical_axis_rules(config.logical_axis_rules)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+    # Measured on 8 CPU devices (2026-12-07): with the conv stem, a mesh that splits both the
+    # batch and the tensor axis (4x1x2, 2x2x2) gives a CMAE step whose contrastive-branch
+    # gradients differ from one device's by 1-5% (the pixel decoder's agree to 1e-7; 1x1x8,
+    # 2x4x1 and 8x1x1 agree); without the stem every mesh agrees (tests/test_sharding.py).
+    require(
+        not (config.model.get("stem_channels", 0) > 0 and tensor > 1 and data * fsdp > 1),
+        f"config.model.stem_channels={config.model.stem_channels} with a mesh of data x fsdp "
+        f"x tensor = {data}x{fsdp}x{tensor}: the conv stem's step on a mesh that splits both "
+        "the batch and the tensor axis does not match one device's (README, Mesh and sharding "
+        "rules); use --config.mesh.tensor=1 (data/FSDP only) or "
+        "--config.model.stem_channels=0.",
+    )
     require(
         config.num_epochs > 0 or config.total_steps > 0,
         "Set config.num_epochs or config.total_steps to a positive number.",

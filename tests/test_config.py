@@ -75,6 +75,23 @@ def test_config_errors_name_the_key(small_fashion_mnist, key, value, message):
     assert message in str(error.value)
 
 
+def test_the_conv_stem_is_refused_where_batch_and_tensor_axes_are_both_split(small_fashion_mnist):
+    """The meshes whose stem step test_sharding found unlike one device's; the others pass."""
+    config = valid_config(small_fashion_mnist)
+    config.model.stem_channels = 16
+    for data, fsdp, tensor in [(8, 1, 1), (2, 4, 1), (1, 1, 8)]:
+        config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+        config_validation.validate(config, num_devices=8)
+    for data, fsdp, tensor in [(4, 1, 2), (2, 2, 2), (1, -1, 2)]:
+        config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+        with pytest.raises(
+            ConfigError, match=r"stem_channels=16 with a mesh .* --config.mesh.tensor=1"
+        ):
+            config_validation.validate(config, num_devices=8)
+    config.model.stem_channels = 0
+    config_validation.validate(config, num_devices=8)
+
+
 def test_erasing_boxes_are_checked_only_when_erasing_is_on(small_fashion_mnist):
     config = valid_config(small_fashion_mnist)
     config.input.erase_scale = (0.0, 1.0)
