@@ -778,16 +778,16 @@ def main() -> None:
     with open(os.path.join(args.workdir, "representation.json"), "w") as f:
         json.dump(summary, f, indent=2)
     table = markdown_table(results, wall)
-    with open(os.path.join(args.workdir, "table.md"), "w") as f:
-        f.write(table)
     by_orderings = orderings_table(summary["orderings"])
-    if by_orderings:
-        with open(os.path.join(args.workdir, "orderings.md"), "w") as f:
-            f.write(by_orderings)
     by_class = per_class_table(results, class_names(args))
-    if by_class:
-        with open(os.path.join(args.workdir, "per_class.md"), "w") as f:
-            f.write(by_class)
+    for name, text in (
+        ("table.md", table),
+        ("orderings.md", by_orderings),
+        ("per_class.md", by_class),
+    ):
+        if text:  # '' where nothing was measured for that table
+            with open(os.path.join(args.workdir, name), "w") as f:
+                f.write(text)
     plot(curves, pixels_knn, os.path.join(args.workdir, "curves.png"))
     print(table, flush=True)
     print(by_orderings, flush=True)

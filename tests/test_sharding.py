@@ -172,12 +172,17 @@ def worker(out_dir: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     config = synthetic_config()
     batches = synthetic_batches(config, STEPS)
-    model, tx, _, _ = train_cmae.make_model_and_optimizer(config, 16, 2 * STEPS)
     one = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1)), jax.devices()[:1])
     rules = sharding.logical_axis_rules(config.logical_axis_rules)
-    state, _, _ = train_state.create_sharded_state(
-        train_cmae.make_init_state(model, tx, config), jax.random.key(0), one, rules
-    )
+
+    def initial_state(config):
+        """(model, state): the CMAE model of `config` and its initial train state on `one`."""
+        model, tx, _, _ = train_cmae.make_model_and_optimizer(config, 16, 2 * STEPS)
+        init = train_cmae.make_init_state(model, tx, config)
+        state, _, _ = train_state.create_sharded_state(init, jax.random.key(0), one, rules)
+        return model, state
+
+    model, state = initial_state(config)
     host_state = jax.tree.map(np.asarray, state)
 
     def save(name, results):
@@ -230,11 +235,7 @@ def worker(out_dir: str) -> None:
     # refuses that combination.
     stem = synthetic_config()
     stem.model.stem_channels = 16
-    stem_model, stem_tx, _, _ = train_cmae.make_model_and_optimizer(stem, 16, 2 * STEPS)
-    stem_state, _, _ = train_state.create_sharded_state(
-        train_cmae.make_init_state(stem_model, stem_tx, stem), jax.random.key(0), one, rules
-    )
-    stem_host = jax.tree.map(np.asarray, stem_state)
+    stem_host = jax.tree.map(np.asarray, initial_state(stem)[1])
     save("stem_1x1x1", MeshRun(stem, (1, 1, 1), jax.devices()[:1], stem_host, batches).run())
     save("stem", MeshRun(stem, (2, 4, 1), jax.devices(), stem_host, batches).run())
 
