@@ -81,10 +81,12 @@ def validate(
         logical_axis_rules(config.logical_axis_rules)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-    # Measured on 8 CPU devices (2026-12-07): with the conv stem, a mesh that splits both the
-    # batch and the tensor axis (4x1x2, 2x2x2) gives a CMAE step whose contrastive-branch
-    # gradients differ from one device's by 1-5% (the pixel decoder's agree to 1e-7; 1x1x8,
-    # 2x4x1 and 8x1x1 agree); without the stem every mesh agrees (tests/test_sharding.py).
+    # Measured on 8 CPU devices (2026-12-07, jax 0.10.2): with the conv stem, a mesh that
+    # splits both the batch and the tensor axis (4x1x2, 2x2x2) gets a CMAE step whose
+    # contrastive-branch gradients differ from one device's by 1-8%; 1x1x8, 2x4x1 and 8x1x1
+    # agree, and so does 4x1x2 with XLA's CSE pass off (--xla_disable_hlo_passes=cse): a
+    # compiler fault, refused on every platform as only XLA's CPU backend could be checked
+    # (tests/test_sharding.py).
     require(
         not (config.model.get("stem_channels", 0) > 0 and tensor > 1 and data * fsdp > 1),
         f"config.model.stem_channels={config.model.stem_channels} with a mesh of data x fsdp "

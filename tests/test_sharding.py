@@ -162,31 +162,52 @@ def stack_blocks(tree):
     return jax.tree.map(lambda x: stack(x) if is_stack(x) else x, tree, is_leaf=is_stack)
 
 
-def worker(out_dir: str) -> None:
-    """Runs in the 8-device subprocess: the reference on one device, then every mesh."""
+def initial_state(config):
+    """(model, state): the CMAE model of `config` and its initial train state on one device."""
+    from cmae_jax import train_state
+    from cmae_jax.methods import cmae as train_cmae
+
+    one = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1)), jax.devices()[:1])
+    rules = sharding.logical_axis_rules(config.logical_axis_rules)
+    model, tx, _, _ = train_cmae.make_model_and_optimizer(config, 16, 2 * STEPS)
+    init = train_cmae.make_init_state(model, tx, config)
+    state, _, _ = train_state.create_sharded_state(init, jax.random.key(0), one, rules)
+    return model, state
+
+
+def stem_config():
+    """synthetic_config with the CMAE demo's conv stem."""
+    config = synthetic_config()
+    config.model.stem_channels = 16
+    return config
+
+
+def worker(out_dir: str, runs: str) -> None:
+    """Runs in an 8-device subprocess. runs='meshes': the reference on one device, then
+    every mesh; runs='stem_tensor': the conv stem on one device and on 4x1x2."""
     import flax.linen as nn
 
-    from cmae_jax import ema, train_state
+    from cmae_jax import ema
     from cmae_jax.methods import cmae as train_cmae
 
     assert jax.device_count() == 8, jax.devices()
-    config = synthetic_config()
-    batches = synthetic_batches(config, STEPS)
-    one = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1)), jax.devices()[:1])
-    rules = sharding.logical_axis_rules(config.logical_axis_rules)
-
-    def initial_state(config):
-        """(model, state): the CMAE model of `config` and its initial train state on `one`."""
-        model, tx, _, _ = train_cmae.make_model_and_optimizer(config, 16, 2 * STEPS)
-        init = train_cmae.make_init_state(model, tx, config)
-        state, _, _ = train_state.create_sharded_state(init, jax.random.key(0), one, rules)
-        return model, state
-
-    model, state = initial_state(config)
-    host_state = jax.tree.map(np.asarray, state)
 
     def save(name, results):
         np.savez(os.path.join(out_dir, f"{name}.npz"), **results)
+
+    config = synthetic_config()
+    batches = synthetic_batches(config, STEPS)
+    if runs == "stem_tensor":
+        stem = stem_config()
+        stem_host = jax.tree.map(np.asarray, initial_state(stem)[1])
+        save("stem_1x1x1", MeshRun(stem, (1, 1, 1), jax.devices()[:1], stem_host, batches).run())
+        save("stem_4x1x2", MeshRun(stem, (4, 1, 2), jax.devices(), stem_host, batches).run())
+        return
+
+    one = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1)), jax.devices()[:1])
+    rules = sharding.logical_axis_rules(config.logical_axis_rules)
+    model, state = initial_state(config)
+    host_state = jax.tree.map(np.asarray, state)
 
     save("1x1x1", MeshRun(config, (1, 1, 1), jax.devices()[:1], host_state, batches).run())
     for sizes in MESHES:
@@ -230,23 +251,19 @@ def worker(out_dir: str) -> None:
     )
 
     # The conv stem (the CMAE demo's) on a mesh that splits the batch over data and FSDP,
-    # against its own 1-device reference. With the tensor axis split as well (4x1x2, 2x2x2)
-    # its contrastive gradients came out 1-5% off one device's, so config_validation
-    # refuses that combination.
-    stem = synthetic_config()
-    stem.model.stem_channels = 16
+    # against its own 1-device reference (with the tensor axis split too: `stem_tensor_runs`).
+    stem = stem_config()
     stem_host = jax.tree.map(np.asarray, initial_state(stem)[1])
     save("stem_1x1x1", MeshRun(stem, (1, 1, 1), jax.devices()[:1], stem_host, batches).run())
     save("stem", MeshRun(stem, (2, 4, 1), jax.devices(), stem_host, batches).run())
 
 
-@pytest.fixture(scope="module")
-def mesh_runs(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("mesh_runs"))
-    env = dict(os.environ, XLA_FLAGS=xla_flags(host_devices=8))
+def run_worker(out_dir: str, runs: str, names: list[str], extra_xla_flags: str = "") -> dict:
+    """Runs `worker(out_dir, runs)` in an 8-device subprocess; its saved results by name."""
+    env = dict(os.environ, XLA_FLAGS=f"{xla_flags(host_devices=8)} {extra_xla_flags}")
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), out_dir],
+        [sys.executable, os.path.abspath(__file__), out_dir, runs],
         capture_output=True,
         text=True,
         env=env,
@@ -254,8 +271,27 @@ def mesh_runs(tmp_path_factory):
         timeout=420,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    names = ["1x1x1", *map(mesh_name, MESHES), "scan", "accum", "micro", "stem_1x1x1", "stem"]
     return {name: dict(np.load(os.path.join(out_dir, f"{name}.npz"))) for name in names}
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    names = ["1x1x1", *map(mesh_name, MESHES), "scan", "accum", "micro", "stem_1x1x1", "stem"]
+    return run_worker(str(tmp_path_factory.mktemp("mesh_runs")), "meshes", names)
+
+
+# With the conv stem, the CMAE step on a mesh that splits both the batch and the tensor
+# axis (4x1x2, 2x2x2) comes out of XLA's CPU compiler (jax 0.10.2) with contrastive-branch
+# gradients 1-8% off one device's and off a float64 reference, while one device agrees
+# with that reference to 6e-5; with XLA's common-subexpression pass off
+# (--xla_disable_hlo_passes=cse) the same program agrees. A compiler fault, not this
+# code's sharding: config_validation refuses the combination, and this run (CSE off)
+# keeps checking that the program itself is right on such a mesh.
+@pytest.fixture(scope="module")
+def stem_tensor_runs(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("stem_tensor_runs"))
+    names = ["stem_1x1x1", "stem_4x1x2"]
+    return run_worker(out_dir, "stem_tensor", names, "--xla_disable_hlo_passes=cse")
 
 
 def assert_gradients_close(run: dict, ref: dict, kind: str = "grad", scale: float = 1.0):
@@ -297,6 +333,15 @@ def test_mesh_matches_one_device(mesh_runs, sizes):
 def test_the_conv_stem_step_matches_one_device_on_a_data_and_fsdp_mesh(mesh_runs):
     ref, run = mesh_runs["stem_1x1x1"], mesh_runs["stem"]
     assert any("['stem_conv1']" in key for key in ref)
+    np.testing.assert_allclose(run["first_loss"], ref["first_loss"], rtol=1e-5)
+    np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-4)
+    assert_gradients_close(run, ref)
+
+
+def test_the_conv_stem_step_matches_one_device_on_a_tensor_mesh_with_xla_cse_off(
+    stem_tensor_runs,
+):
+    ref, run = stem_tensor_runs["stem_1x1x1"], stem_tensor_runs["stem_4x1x2"]
     np.testing.assert_allclose(run["first_loss"], ref["first_loss"], rtol=1e-5)
     np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-4)
     assert_gradients_close(run, ref)
@@ -416,4 +461,4 @@ def test_unknown_remat_policy_is_refused():
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(sys.argv[1], sys.argv[2])
