@@ -21,6 +21,7 @@ land in DIR/eval_results.json, as TensorBoard scalars (and pictures) in DIR, and
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -29,7 +30,7 @@ import ml_collections
 
 from cmae_jax import loop, sharding, writers
 from cmae_jax import workdir as workdir_files
-from cmae_jax.evaluation import features, protocols
+from cmae_jax.evaluation import features, hooks, protocols
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -56,6 +57,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer=writer,
         workdir=workdir,
         model=model,
+        finetune_hooks=functools.partial(hooks.make_hooks, types=("periodic",)),
     )
 
     # ---------------------------------------------------------------- Protocols

@@ -24,6 +24,7 @@ exactly (the data position is recorded as in pretraining).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -39,6 +40,11 @@ from cmae_jax.data import pipeline, sources, train_data, views
 from cmae_jax.evaluation import augment, features
 from cmae_jax.models import vit
 from cmae_jax.models.encoder_spec import EncoderSpec
+
+# (config, mesh, embed) -> the hooks that evaluate the encoder during fine-tuning; the
+# caller supplies them (cmae_jax.evaluation.hooks builds them from the protocols, which
+# run this module: passing them in keeps the imports one-way).
+PeriodicHooks = Callable[[ml_collections.ConfigDict, Any, Callable], list]
 
 
 class Classifier(nn.Module):
@@ -200,9 +206,11 @@ def train_and_evaluate(
     encoder_params: Any,
     *,
     writer: Any = None,
+    periodic_hooks: PeriodicHooks | None = None,
 ) -> dict[str, float]:
     """Fine-tunes the encoder `encoder_params` ({'encoder': ...}), resuming from
-    WORKDIR/finetune; returns {'top1'} on config.dataset.eval_split."""
+    WORKDIR/finetune; returns {'top1'} on config.dataset.eval_split. `periodic_hooks`
+    (config, mesh, embed) -> hooks: the periodic evaluations of the encoder being tuned."""
     ft = config.finetune
     config = finetune_config(config)
     num_classes = config.dataset.num_classes
@@ -248,13 +256,10 @@ def train_and_evaluate(
     )
     # The periodic protocols of config.evals on the encoder being tuned (off unless
     # config.eval.every_steps > 0): the labelled reference's learning curve, on the same
-    # yardstick as the pretrainings' (benchmarks/representation.py). Imported here: the
-    # hooks import the protocols, which import this module.
-    from cmae_jax.evaluation import hooks as evaluation_hooks
-
-    hooks = evaluation_hooks.make_hooks(
-        config, run.mesh, features.encoder_embed(spec), types=("periodic",)
-    )
+    # yardstick as the pretrainings' (benchmarks/representation.py).
+    hooks = []
+    if periodic_hooks is not None:
+        hooks = periodic_hooks(config, run.mesh, features.encoder_embed(spec))
     results = loop.train(run, task, hooks=hooks)
 
     # ---------------------------------------------------------------- Evaluation

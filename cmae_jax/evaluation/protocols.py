@@ -39,6 +39,8 @@ class Context:
     embed        (params, images) -> {pooling: [B, D]} ('cls', 'mean', ... or 'pixels')
     subset       > 0: that many strided examples of each split (periodic evaluations)
     model        the FeatureEncoder (pictures need its attention maps); None for pixels
+    finetune_hooks  (config, mesh, embed) -> the periodic evaluations that run while the
+                 finetune protocol tunes the encoder (evaluation.hooks builds them)
     """
 
     config: ml_collections.ConfigDict
@@ -49,6 +51,7 @@ class Context:
     workdir: str = ""
     model: features.FeatureEncoder | None = None
     subset: int = 0
+    finetune_hooks: finetune.PeriodicHooks | None = None
     _cache: tuple[int, Any] | None = dataclasses.field(default=None, repr=False)
     _apply: Any = dataclasses.field(default=None, repr=False)
 
@@ -228,7 +231,13 @@ def _clustering(ctx: Context) -> Protocol:
 
 def _finetune(ctx: Context) -> Protocol:
     def run(params: Any) -> dict[str, Any]:
-        tuned = finetune.train_and_evaluate(ctx.config, ctx.workdir, params, writer=ctx.writer)
+        tuned = finetune.train_and_evaluate(
+            ctx.config,
+            ctx.workdir,
+            params,
+            writer=ctx.writer,
+            periodic_hooks=ctx.finetune_hooks,
+        )
         return {"finetune_top1": tuned["top1"]}
 
     return run
