@@ -330,21 +330,22 @@ def test_mesh_matches_one_device(mesh_runs, sizes):
             assert np.linalg.norm((run[key] - ref[key])[live]) < 1e-3 * moved, key
 
 
-def test_the_conv_stem_step_matches_one_device_on_a_data_and_fsdp_mesh(mesh_runs):
-    ref, run = mesh_runs["stem_1x1x1"], mesh_runs["stem"]
+def assert_stem_step_matches(run: dict, ref: dict) -> None:
+    """The conv stem's run equals its 1-device reference: losses and first gradients."""
     assert any("['stem_conv1']" in key for key in ref)
     np.testing.assert_allclose(run["first_loss"], ref["first_loss"], rtol=1e-5)
     np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-4)
     assert_gradients_close(run, ref)
 
 
+def test_the_conv_stem_step_matches_one_device_on_a_data_and_fsdp_mesh(mesh_runs):
+    assert_stem_step_matches(mesh_runs["stem"], mesh_runs["stem_1x1x1"])
+
+
 def test_the_conv_stem_step_matches_one_device_on_a_tensor_mesh_with_xla_cse_off(
     stem_tensor_runs,
 ):
-    ref, run = stem_tensor_runs["stem_1x1x1"], stem_tensor_runs["stem_4x1x2"]
-    np.testing.assert_allclose(run["first_loss"], ref["first_loss"], rtol=1e-5)
-    np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-4)
-    assert_gradients_close(run, ref)
+    assert_stem_step_matches(stem_tensor_runs["stem_4x1x2"], stem_tensor_runs["stem_1x1x1"])
 
 
 def test_scanned_blocks_stack_along_an_unsplit_layers_axis(mesh_runs):
