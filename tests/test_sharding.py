@@ -4,7 +4,8 @@ One subprocess (8 fake devices, so the pytest process keeps its single device) r
 CMAE train step on a 1-device mesh and on each test mesh from the same initial state and
 the same synthetic batches, and saves losses, gradients (the first step's, from Adam's
 first moment), parameter changes, shard shapes and the InfoNCE logits' per-device shape;
-the tests compare them.
+the tests compare them. A second subprocess, with XLA's CSE pass off, runs the conv stem on
+a mesh that splits the batch and `tensor` (see `stem_tensor_runs`).
 """
 
 import os
