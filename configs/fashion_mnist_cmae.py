@@ -6,7 +6,8 @@ Command (after `pip install -r requirements.txt -e .` and Debian's dataset-fashi
 Hardware: 2 CPU cores are enough. Measured on 2026-12-07 at 07:55, a fresh clone on 2 idle
 cores whose XLA float32 matmul reached 202-214 GFLOP/s (scale by your machine's rate:
 `python benchmarks/train_step.py` prints it): 7 min 29 s in all, ending with the line
-`k-NN top-1: 82.05%`. Over seeds 0-3 (--config.seed=N, one core
+`k-NN top-1: 82.05%` (again at 10:28, a later clone: 7 min 30 s at 193-216 GFLOP/s, the
+same 59 losses). Over seeds 0-3 (--config.seed=N, one core
 each) 81.99 / 82.41 / 82.35 / 82.45%. Without the conv stem (--config.model.stem_channels=0,
 the default from 02:10 to 06:00 that day) 81.63% in 5 min 30 s at 179-209 GFLOP/s, and
 81.70 / 81.76 / 81.23 / 82.01% over seeds 0-3; before 02:10 the demo cropped 20-100% of

@@ -163,12 +163,17 @@ def stack_blocks(tree):
     return jax.tree.map(lambda x: stack(x) if is_stack(x) else x, tree, is_leaf=is_stack)
 
 
+def one_device_mesh() -> jax.sharding.Mesh:
+    """The 1-device mesh of the references."""
+    return sharding.make_mesh(ml_collections.ConfigDict(dict(data=1)), jax.devices()[:1])
+
+
 def initial_state(config):
     """(model, state): the CMAE model of `config` and its initial train state on one device."""
     from cmae_jax import train_state
     from cmae_jax.methods import cmae as train_cmae
 
-    one = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1)), jax.devices()[:1])
+    one = one_device_mesh()
     rules = sharding.logical_axis_rules(config.logical_axis_rules)
     model, tx, _, _ = train_cmae.make_model_and_optimizer(config, 16, 2 * STEPS)
     init = train_cmae.make_init_state(model, tx, config)
@@ -205,7 +210,7 @@ def worker(out_dir: str, runs: str) -> None:
         save("stem_4x1x2", MeshRun(stem, (4, 1, 2), jax.devices(), stem_host, batches).run())
         return
 
-    one = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1)), jax.devices()[:1])
+    one = one_device_mesh()
     rules = sharding.logical_axis_rules(config.logical_axis_rules)
     model, state = initial_state(config)
     host_state = jax.tree.map(np.asarray, state)
