@@ -337,7 +337,7 @@ def fashion_mnist_config(method: str = "cmae") -> ml_collections.ConfigDict:
         # 81.76 / 81.23 / 82.01% over seeds 0-3, against 81.08 / 80.63 / 80.24 / 80.79% for
         # the recipe it replaced (crops of 20-100% filling the master, 'resize', weight 10):
         # +0.99, every seed up. Each part alone moved less or nothing (whole images alone
-        # -0.61 / -0.04 over seeds 0 / 1; README "Does it learn?", the ablation of
+        # -0.61 / -0.04 over seeds 0 / 1; docs/representation_study.md, the ablation of
         # 2026-12-06/07).
         config.input.master_mode = "pad"
         config.loss.contrastive_weight = 1.0
