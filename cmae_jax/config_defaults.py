@@ -133,6 +133,7 @@ def base_config(method: str = "cmae") -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.base_lr = 1.5e-4  # peak lr = base_lr * global_batch / 256
     config.optimizer.min_lr = 0.0
+    config.optimizer.schedule = "cosine"  # after the warmup; or 'constant' (the peak held)
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.95
     config.optimizer.weight_decay = 0.05

@@ -7,7 +7,7 @@ not a method.
 
 import ml_collections
 
-from cmae_jax import methods
+from cmae_jax import methods, optim
 from cmae_jax.config_checks import (
     ConfigError,
     require,
@@ -98,6 +98,13 @@ def validate(
     require(
         config.num_epochs > 0 or config.total_steps > 0,
         "Set config.num_epochs or config.total_steps to a positive number.",
+    )
+
+    schedule = config.get("optimizer", {}).get("schedule", "cosine")
+    require(
+        schedule in optim.LR_SCHEDULES,
+        f"config.optimizer.schedule={schedule!r} is not one of {', '.join(optim.LR_SCHEDULES)}: "
+        "'cosine' decays the lr to min_lr after the warmup, 'constant' holds its peak.",
     )
 
     if config.method == EVAL:

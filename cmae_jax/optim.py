@@ -1,4 +1,4 @@
-"""Optimiser: AdamW with masked weight decay, warmup + cosine lr, optional clipping."""
+"""Optimiser: AdamW with masked weight decay, warmup + cosine (or held) lr, optional clipping."""
 
 from typing import Any
 
@@ -11,6 +11,9 @@ import optax
 # BatchNorm scales, the cls and mask tokens (and the fixed position embeddings, which are
 # not parameters at all) are excluded, as in MAE's optim_factory.
 _DECAYED_LEAF_NAMES = ("kernel",)
+
+# After the warmup: half-cycle cosine to min_lr, or the peak held to the end.
+LR_SCHEDULES = ("cosine", "constant")
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -39,15 +42,24 @@ def learning_rate_schedule(
     steps_per_epoch: int,
     total_steps: int,
 ) -> optax.Schedule:
-    """Linear warmup from 0 for warmup_epochs, then half-cycle cosine to min_lr, per step."""
+    """Linear warmup from 0 for warmup_epochs, then, per step, half-cycle cosine to min_lr
+    (opt_cfg.schedule 'cosine', the default) or the peak held to the end ('constant')."""
+    kind = opt_cfg.get("schedule", "cosine")
+    if kind not in LR_SCHEDULES:
+        raise ValueError(
+            f"config.optimizer.schedule={kind!r} is not one of 'cosine', 'constant': "
+            "set --config.optimizer.schedule=cosine (decay to min_lr) or constant (no decay)."
+        )
+    peak = peak_learning_rate(opt_cfg, global_batch_size)
     warmup_steps = round(opt_cfg.warmup_epochs * steps_per_epoch)
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=peak_learning_rate(opt_cfg, global_batch_size),
+        peak_value=peak,
         warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1),
-        end_value=opt_cfg.get("min_lr", 0.0),
+        # A cosine from the peak to the peak is the peak.
+        end_value=peak if kind == "constant" else opt_cfg.get("min_lr", 0.0),
     )
 
 

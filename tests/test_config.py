@@ -64,6 +64,7 @@ def test_the_demo_config_is_valid(small_fashion_mnist):
         ("model.contrastive_pooling", "max", "config.model.contrastive_pooling='max' is not one"),
         ("input.master_mode", "crop", "config.input.master_mode='crop' is not one of resize, pad"),
         ("logical_axis_rules", (("embed", "model"),), "names mesh axis 'model'"),
+        ("optimizer.schedule", "linear", "config.optimizer.schedule='linear' is not one of"),
     ],
 )
 def test_config_errors_name_the_key(small_fashion_mnist, key, value, message):

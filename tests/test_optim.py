@@ -73,6 +73,21 @@ def test_learning_rate_schedule_values():
     assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_constant_learning_rate_schedule_holds_the_peak():
+    # The same warmup as the cosine's, then 3e-4 to the last step whatever min_lr says.
+    cfg = _opt_cfg(schedule="constant", min_lr=1e-6)
+    schedule = optim.learning_rate_schedule(cfg, 512, steps_per_epoch=10, total_steps=100)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(1.5e-4, rel=1e-6)
+    for s in (20, 55, 99, 100):
+        assert float(schedule(s)) == pytest.approx(3e-4, rel=1e-6)
+
+
+def test_unknown_learning_rate_schedule_is_refused():
+    with pytest.raises(ValueError, match="optimizer.schedule='linear'"):
+        optim.learning_rate_schedule(_opt_cfg(schedule="linear"), 256, 10, 100)
+
+
 def test_momentum_schedules():
     constant = ema.momentum_schedule(0.996, 100, "constant")
     assert float(constant(0)) == pytest.approx(0.996) and float(constant(77)) == pytest.approx(
