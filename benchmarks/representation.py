@@ -198,6 +198,8 @@ VALUE_BEFORE_THE_KEY = {
     "input.batched_views": False,
     # Until 2026-12-06 23:00 the crop filled the whole pixel-shift master (data.views).
     "input.master_mode": "resize",
+    # Until 2026-12-07 22:00 every lr decayed by a cosine after the warmup (cmae_jax.optim).
+    "optimizer.schedule": "cosine",
 }
 
 
