@@ -47,7 +47,7 @@ def learning_rate_schedule(
     kind = opt_cfg.get("schedule", "cosine")
     if kind not in LR_SCHEDULES:
         raise ValueError(
-            f"config.optimizer.schedule={kind!r} is not one of 'cosine', 'constant': "
+            f"config.optimizer.schedule={kind!r} is not one of {', '.join(LR_SCHEDULES)}: "
             "set --config.optimizer.schedule=cosine (decay to min_lr) or constant (no decay)."
         )
     peak = peak_learning_rate(opt_cfg, global_batch_size)
