@@ -146,6 +146,29 @@ def test_pipeline_batches_views_only_for_one_shape_in_memory():
     assert not pipeline.batches_views(config.input, synthetic_source(), evaluation)
 
 
+@pytest.mark.parametrize("image_size, crop_fraction", [(16, 1.0), (24, 0.875), (12, 1.0)])
+def test_eval_batches_are_the_per_example_eval_views(image_size, crop_fraction):
+    """The evaluation's batches of an in-memory source, made a batch at a time, against
+    the per-example path (resized up and down, centre-cropped), two processes' slices."""
+    config = make_config(channels=3, image_size=image_size, patch_size=4)
+    config.input.eval_crop_fraction = crop_fraction
+    source = sources.InMemorySource(
+        images(45, 20, 26, 3), np.arange(45, dtype=np.int32) % 10, "synthetic"
+    )
+    assert pipeline.in_memory_batches(config.input, source)
+    for process in range(2):
+        kwargs = dict(batch_size=8, process_index=process, process_count=2)
+        batched = take(pipeline.eval_dataset(config, source, **kwargs), 3)
+        config.input.batched_views = False
+        per_example = take(pipeline.eval_dataset(config, source, **kwargs), 3)
+        config.input.batched_views = True
+        for got, expected in zip(batched, per_example, strict=True):
+            assert got["image"].shape == (8, image_size, image_size, 3)
+            for key in ("label", "valid", "index"):
+                np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+            np.testing.assert_allclose(got["image"], expected["image"], atol=1e-5)
+
+
 def draw_statistics(draws):
     """Summaries of a set of draws whose per-example and batched values must agree."""
     box = draws["box"].numpy().astype(np.float64)

@@ -619,8 +619,12 @@ def test_train_config_errors():
         pipeline.train_dataset(make_config(global_batch_size=128), source, start_step=0)
 
 
-def test_eval_dataset_sees_every_example_once():
+@pytest.mark.parametrize("batched", [True, False])
+def test_eval_dataset_sees_every_example_once(batched):
+    """Per example (config.input.batched_views=False) and a batch at a time (the default
+    for in-memory sources): every example once, padding rows marked, the same pixels."""
     config = make_config(channels=1)
+    config.input.batched_views = batched
     source = synthetic_source(num=37)
     assert pipeline.eval_steps(37, 8, 3) == 2  # ceil(37 / 3) = 13 per process
     seen = []

@@ -177,6 +177,57 @@ def test_block_matches_numpy_reference():
     np.testing.assert_allclose(out, reference(x), rtol=1e-5, atol=1e-5)
 
 
+def test_gelu_is_the_exact_gelu_to_float_rounding():
+    """vit.gelu (the erf form, torch's) against math.erf per value and against flax's erfc
+    form, values and gradients, over the body and both tails."""
+    x = np.concatenate([np.linspace(-12, 12, 2001), [-40.0, -1e-3, 0.0, 1e-3, 40.0]])
+    x = x.astype(np.float32)
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(vit.gelu(jnp.asarray(x)), exact, rtol=1e-6, atol=1e-6)
+    flax_gelu = lambda v: nn.gelu(v, approximate=False)
+    np.testing.assert_allclose(vit.gelu(x), flax_gelu(x), rtol=1e-6, atol=1e-6)
+    grad = jax.vmap(jax.grad(vit.gelu))(x)
+    # d/dx x Phi(x) = Phi(x) + x phi(x)
+    phi = np.exp(-0.5 * x.astype(np.float64) ** 2) / math.sqrt(2 * math.pi)
+    expected_grad = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x]) + x * phi
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, jax.vmap(jax.grad(flax_gelu))(x), rtol=1e-5, atol=1e-6)
+
+
+def test_patch_embedding_is_the_strided_conv_it_replaced():
+    """PatchEmbedding on patchified images = a stride-p VALID conv with the same kernel, and
+    its parameters are those an nn.Conv of that name drew (checkpoints and seeds unchanged)."""
+    p, width = 4, 8
+    images = np.asarray(jax.random.normal(jax.random.key(0), (3, 8, 12, 2)))
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", (0, 1, 2), 3)
+
+    class Old(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(
+                width,
+                (p, p),
+                strides=(p, p),
+                padding="VALID",
+                kernel_init=init,
+                bias_init=nn.initializers.normal(1.0),
+                name="embedding",
+            )(x)
+
+    class New(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return vit.PatchEmbedding(
+                width, p, init, nn.initializers.normal(1.0), name="embedding"
+            )(vit.patchify(x, p))
+
+    key = jax.random.key(7)
+    old_vars, new_vars = Old().init(key, images), New().init(key, images)
+    jax.tree.map(np.testing.assert_array_equal, old_vars, new_vars)
+    old_out = Old().apply(old_vars, images).reshape(3, -1, width)
+    np.testing.assert_allclose(New().apply(new_vars, images), old_out, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- encoder
 
 

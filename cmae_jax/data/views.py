@@ -506,16 +506,19 @@ def online_view(image: tf.Tensor, seed: tf.Tensor, cfg: Any) -> tf.Tensor:
 
 
 def eval_view(image: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -> tf.Tensor:
-    """Deterministic eval view: shorter side to image_size / crop_fraction, centre crop."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    """Deterministic eval view: shorter side to image_size / crop_fraction, centre crop.
+
+    One image [H, W, C] or a batch of one size [B, H, W, C] (each image as if alone).
+    """
+    shape = tf.cast(tf.shape(image)[-3:-1], tf.float32)
     resize_to = round(image_size / crop_fraction)
     scale = resize_to / tf.reduce_min(shape)
     new_hw = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), image_size)
     resized = _resize(_to_float(image), new_hw)
     top = (new_hw[0] - image_size) // 2
     left = (new_hw[1] - image_size) // 2
-    channels = image.shape[-1]
-    return tf.slice(resized, tf.stack([top, left, 0]), [image_size, image_size, channels])
+    view = resized[..., top : top + image_size, left : left + image_size, :]
+    return tf.ensure_shape(view, [*image.shape[:-3], image_size, image_size, image.shape[-1]])
 
 
 # MAE-CT's two views (SPEC, MAE-CT "Augmentation"): each an independent RandomResizedCrop

@@ -272,6 +272,41 @@ class Attention(nn.Module):
         )(out)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), written as torch computes it: 0.5 x (1 + erf(x / sqrt 2)).
+
+    The same function as nn.gelu(approximate=False) to float rounding, which goes through
+    erfc (an exp and a rational function); XLA's erf is one polynomial, and in the demo's
+    step on CPU each MLP's erfc took as long as its first matmul (this form: 1.03x the
+    step's images/s).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
+
+
+class PatchEmbedding(nn.Module):
+    """Flattened (p, p, C) patches [..., p*p*C] -> tokens [..., width], one matmul.
+
+    The parameters are a stride-p conv's (kernel [p, p, C, width], bias), as checkpoints,
+    HF ViTMAE and timm store them; the same map as that conv, which XLA's CPU backend
+    ran three times slower on the demo's 7 px patches.
+    """
+
+    width: int
+    patch_size: int
+    kernel_init: Any
+    bias_init: Any
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        p = self.patch_size
+        channels = patches.shape[-1] // (p * p)
+        kernel = self.param("kernel", self.kernel_init, (p, p, channels, self.width))
+        bias = self.param("bias", self.bias_init, (self.width,))
+        kernel = kernel.reshape(p * p * channels, self.width).astype(self.dtype)
+        return patches.astype(self.dtype) @ kernel + bias.astype(self.dtype)
+
+
 class MlpBlock(nn.Module):
     """Transformer MLP: Linear -> exact GELU (as torch nn.GELU) -> Linear."""
 
@@ -283,7 +318,7 @@ class MlpBlock(nn.Module):
         width = x.shape[-1]
         y = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(x)
         y = nn.with_logical_constraint(y, ("batch", "length", "activation_mlp"))
-        y = nn.gelu(y, approximate=False)
+        y = gelu(y)
         return dense(width, ("mlp", "embed"), self.dtype, "fc2")(y)
 
 
@@ -412,6 +447,8 @@ def conv_stem(patches: jax.Array, channels: int, dtype: Dtype) -> jax.Array:
             bias_init=nn.with_logical_partitioning(zeros, (None,)),
             name=f"{STEM_PREFIX}norm{i}",
         )(y)
+        # flax's erfc form here: with the erf form, XLA's CPU compiler (jax 0.10.2) gets this
+        # step's gradients wrong on a data x tensor mesh even with CSE off (test_sharding).
         y = nn.gelu(y, approximate=False)
     return y
 
@@ -482,7 +519,9 @@ class Encoder(nn.Module):
     """ViT encoder that encodes only the visible patches `ids_keep` (all patches if None).
 
     Order (MAE): patch embed -> + sin-cos pos-emb -> gather ids_keep -> prepend cls (zero
-    pos-emb) -> blocks -> final LayerNorm. Params: embedding (Conv), cls, block_i, norm.
+    pos-emb) -> blocks -> final LayerNorm (the gather runs first, on the patches and their
+    pos-embs: the same tokens, only the visible ones embedded). Params: embedding (a
+    stride-p conv's kernel and bias, PatchEmbedding), cls, block_i, norm.
     With `stem_channels` > 0 the patches are gathered first and each goes through
     `conv_stem` (params stem_conv<i>, stem_norm<i>) before the embedding, which then maps
     the stem's [p, p, stem_channels] features of a patch to one token.
@@ -515,34 +554,26 @@ class Encoder(nn.Module):
         patch_init = nn.initializers.variance_scaling(
             1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
         )
-        embedding = nn.Conv(
+        embedding = PatchEmbedding(
             self.width,
-            kernel_size=(p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=self.dtype,
+            p,
             kernel_init=nn.with_logical_partitioning(patch_init, (None, None, None, "embed")),
             bias_init=nn.with_logical_partitioning(zeros, ("embed",)),
+            dtype=self.dtype,
             name="embedding",
         )
+        patches = patchify(images.astype(self.dtype), p)
         posemb = jnp.asarray(sincos_2d_posemb(self.width, grid_h, grid_w), self.dtype)[None]
+        posemb = jnp.broadcast_to(posemb, (b, grid_h * grid_w, self.width))
+        if ids_keep is not None:  # only the visible patches are embedded
+            ids = ids_keep.astype(jnp.int32)
+            patches = jnp.take_along_axis(patches, ids[:, :, None], axis=1)
+            posemb = jnp.take_along_axis(posemb, ids[:, :, None], axis=1)
         if self.stem_channels:
-            # The stem runs on the visible patches only: gather first, then convolve.
-            c = images.shape[-1]
-            patches = patchify(images.astype(self.dtype), p).reshape(b, grid_h * grid_w, p, p, c)
-            posemb = jnp.broadcast_to(posemb, (b, grid_h * grid_w, self.width))
-            if ids_keep is not None:
-                ids = ids_keep.astype(jnp.int32)
-                patches = jnp.take_along_axis(patches, ids[:, :, None, None, None], axis=1)
-                posemb = jnp.take_along_axis(posemb, ids[:, :, None], axis=1)
-            kept = patches.shape[1]
+            kept, c = patches.shape[1], images.shape[-1]
             features = conv_stem(patches.reshape(b * kept, p, p, c), self.stem_channels, self.dtype)
-            x = embedding(features).reshape(b, kept, self.width) + posemb
-        else:
-            x = embedding(images.astype(self.dtype)).reshape(b, grid_h * grid_w, self.width)
-            x = x + posemb
-            if ids_keep is not None:
-                x = jnp.take_along_axis(x, ids_keep[:, :, None].astype(jnp.int32), axis=1)
+            patches = features.reshape(b, kept, -1)
+        x = embedding(patches) + posemb
         cls = self.param(
             "cls",
             nn.with_logical_partitioning(
