@@ -33,9 +33,13 @@ where TensorFlow is not installed (the step, the models and the methods do not i
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -105,6 +109,12 @@ def define_flags() -> None:
     )
     flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU (0: automatic).")
     flags.DEFINE_string("json_out", None, "Also write the results as JSON to this file.")
+    flags.DEFINE_string(
+        "profile_dir",
+        None,
+        "Also trace --steps steps with jax.profiler into this folder (TensorBoard's profile "
+        "plugin and Perfetto read it) and print where their time goes, by model part.",
+    )
     flags.mark_flags_as_required(["config"])
 
 
@@ -386,6 +396,46 @@ def time_pipeline(batches: Iterator[Any], num_batches: int) -> float:
 # ----------------------------------------------------------------------------- one run
 
 
+# XLA's op_name metadata: jit(step)/ then, for differentiated ops, jvp(Model)/ (forward) or
+# transpose(jvp(Model))/ (backward), then the flax module path (block_3 -> block here).
+_OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]+)"', re.M)
+
+
+def model_part(op_name: str, depth: int = 2) -> str:
+    """'jit(step)/transpose(jvp(CMAE))/encoder/block_1/mlp/fc1/dot_general' ->
+    'encoder/block (backward)': the module path to `depth`, and the pass."""
+    parts = op_name.split("/")[1:]  # without jit(step)
+    backward = any(part.startswith("transpose(") for part in parts)
+    parts = [p for p in parts if not p.startswith(("jvp(", "transpose("))]
+    path = "/".join(re.sub(r"_\d+$", "", p) for p in parts[:depth]) or "(top level)"
+    return f"{path} ({'backward' if backward else 'forward'})"
+
+
+def profile_breakdown(trace_dir: str, hlo_text: str, num_steps: int) -> list[dict[str, Any]]:
+    """Op time per step by model part, from the newest jax.profiler trace under `trace_dir`
+    and the compiled program's text (which maps each executed op to its op_name).
+
+    The time is summed over the threads that ran ops, so on a multi-core CPU the parts add
+    up to more than the step's wall time; ops the program text does not name (the
+    runtime's own events) are left out.
+    """
+    traces = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not traces:
+        raise FileNotFoundError(f"No *.trace.json.gz under {trace_dir}.")
+    op_names = dict(_OP_NAME.findall(hlo_text))
+    with gzip.open(max(traces, key=os.path.getmtime)) as f:
+        events = json.load(f)["traceEvents"]
+    micros: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and event.get("name") in op_names:
+            micros[model_part(op_names[event["name"]])] += event["dur"]
+    total = sum(micros.values()) or 1.0
+    return [
+        {"part": part, "ms_per_step": us / 1e3 / num_steps, "share": us / total}
+        for part, us in micros.most_common()
+    ]
+
+
 def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
     """Compiles and times the step of `config` (MAE-CT: of `stage`); returns the figures."""
     _, step_config = stage_setup(config, stage)
@@ -446,6 +496,13 @@ def benchmark(config: Any, stage: str | None) -> dict[str, Any]:
             if theirs is not None:
                 their_times.append(theirs.run(FLAGS.steps))
         result["loss_last"] = ours.loss
+        if FLAGS.profile_dir:
+            with jax.profiler.trace(FLAGS.profile_dir):
+                ours.run(FLAGS.steps)
+            result["profile"] = profile_breakdown(
+                FLAGS.profile_dir, compiled.as_text(), FLAGS.steps
+            )
+            result["profile_dir"] = FLAGS.profile_dir
 
         if FLAGS.input != "random":
             num_batches = FLAGS.steps * FLAGS.rounds
@@ -510,6 +567,15 @@ def describe(r: dict[str, Any]) -> str:
             f"MFU {100 * hf['mfu']:.1f}% (torch's own matmul here: "
             f"{hf['torch_matmul_tflops']:.4g} TFLOP/s)",
             f"  ours / HF: {r['ours_over_hf']:.2f}x",
+        ]
+    if "profile" in r:
+        lines.append(
+            f"  where the time goes (op time per step summed over threads; trace in "
+            f"{r['profile_dir']}):"
+        )
+        lines += [
+            f"    {p['ms_per_step']:8.2f} ms {100 * p['share']:5.1f}%  {p['part']}"
+            for p in r["profile"][:16]
         ]
     if "pipeline_images_per_s" in r:
         lines.append(

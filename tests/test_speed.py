@@ -290,3 +290,47 @@ def test_input_pipeline_benchmark_measures_every_row():
         rates = [float(x) for x in line.split()[-4:]]
         assert all(rate > 0 for rate in rates), line
     assert "Ratio tf.data / PIL per core:" in stdout
+
+
+def test_model_part_names_the_module_path_and_the_pass():
+    cases = {
+        "jit(step)/transpose(jvp(CMAE))/encoder/block_1/mlp/fc1/dot_general": (
+            "encoder/block (backward)"
+        ),
+        "jit(step)/jvp(CMAE)/pixel_decoder/block_0/attn/qkv/dot_general": (
+            "pixel_decoder/block (forward)"
+        ),
+        "jit(step)/CMAE.target_projection/encoder/block_2/mlp/erf": (
+            "CMAE.target_projection/encoder (forward)"
+        ),
+        "jit(step)/transpose(jvp(MAE))/decoder/norm/mul": "decoder/norm (backward)",
+        "jit(step)/add": "add (forward)",
+    }
+    for op_name, part in cases.items():
+        assert benchmark.model_part(op_name) == part
+
+
+def test_profile_breakdown_puts_the_traced_op_time_on_its_named_parts(tmp_path):
+    """A jax.profiler trace of a program with a large matmul under one name and a small
+    elementwise op under another: each op's time lands on its name, the matmul's far above."""
+
+    def program(x, w):
+        with jax.named_scope("large"):
+            y = jnp.tanh(x @ w)
+        with jax.named_scope("small"):
+            z = jnp.exp(x[:8, :8])
+        return y, z
+
+    x = jnp.ones((768, 768), jnp.float32) / 768
+    compiled = jax.jit(program).lower(x, x).compile()
+    jax.block_until_ready(compiled(x, x))
+    with jax.profiler.trace(str(tmp_path)):
+        for _ in range(4):
+            jax.block_until_ready(compiled(x, x))
+    parts = benchmark.profile_breakdown(str(tmp_path), compiled.as_text(), 4)
+    by_name = {p["part"].split("/")[0]: p for p in parts}
+    assert {"large", "small"} <= set(by_name), parts
+    assert by_name["large"]["ms_per_step"] > 10 * by_name["small"]["ms_per_step"] > 0
+    assert math.isclose(sum(p["share"] for p in parts), 1.0)
+    with pytest.raises(FileNotFoundError, match="No \\*.trace.json.gz"):
+        benchmark.profile_breakdown(str(tmp_path / "empty"), compiled.as_text(), 4)
