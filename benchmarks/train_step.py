@@ -22,6 +22,8 @@ method's own builders: model, AdamW, EMA target, shardings, donation) and prints
 - with --input=pipeline (the config's dataset) or --input=synthetic (generated images,
   no file reads or decoding): the input pipeline's own images/s on this process's cores,
   and the step's images/s when the pipeline feeds it, as in training;
+- with --profile_dir: a jax.profiler trace of --steps more steps in that folder, and their
+  op time per step by model part (flax module path, forward or backward);
 - with --vs=hf: HF transformers' ViTMAEForPreTraining (PyTorch, CPU, same encoder and
   decoder sizes, mask ratio, norm-pix loss, AdamW) on the same batch size, its rounds
   alternating with ours so that machine noise hits both, and the ratio ours / theirs.
